@@ -1,0 +1,239 @@
+"""Attention backends and the one entry point that dispatches to them.
+
+Every backend takes queries `(batch, q_len, heads, head_dim)` and keys/values `(batch, kv_len, heads, head_dim)` in
+the layout flash-attn uses natively (SDPA gets transposed *views*, no copies), an optional [`KeyPaddingMask`], and
+returns `(output (batch, q_len, heads, head_dim), attention weights or None)`.
+
+Backends:
+
+- `"sdpa"` (default): `torch.nn.functional.scaled_dot_product_attention`. Unmasked, PyTorch picks its fused kernel
+  (FlashAttention-2 / cuDNN on CUDA). With a key-padding mask on CUDA in half precision the cuDNN kernel is *forced*:
+  left to itself SDPA falls back to the memory-efficient kernel, measured 12x slower on an H100 for a long masked
+  cross-attention (10.8 ms vs 0.89 ms, B=32, 256 latents, 16384 keys, fwd+bwd).
+- `"varlen"`: PyTorch's own FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA, half
+  precision) on packed keys when a mask is present; SDPA otherwise.
+- `"flash_attention_2"`: the optional `flash-attn` package (`flash_attn_func`, and `flash_attn_varlen_func` on packed
+  keys with dense queries when masked). transformers' own flash helper is not used: it unpads the *queries* with the
+  key mask, which is wrong for cross-attention where latents != input length.
+- `"eager"`: matmul + softmax in fp32; the reference, and the only backend that materialises attention weights.
+  Asking for weights routes *that call* through it, whatever backend the model uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@dataclass
+class KeyPaddingMask:
+    """A validated key-padding mask, built once per input and shared by every layer that attends to that input.
+
+    Attributes:
+        mask (`torch.BoolTensor` of shape `(batch, kv_len)`):
+            True = attend. Rows without any valid key are set all-True so that no kernel sees a fully masked row
+            (SDPA returns NaN there); `has_keys` zeroes their output afterwards.
+        has_keys (`torch.BoolTensor` of shape `(batch,)`):
+            Whether a sample has at least one valid key. Its cross-attention output is zero otherwise.
+    """
+
+    mask: Tensor
+    has_keys: Tensor
+    _packed: tuple[Tensor, Tensor, int] | None = None
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> KeyPaddingMask:
+        mask = mask.bool()
+        has_keys = mask.any(dim=-1)
+        return cls(mask=mask | ~has_keys[:, None], has_keys=has_keys)
+
+    def packed(self) -> tuple[Tensor, Tensor, int]:
+        """`(indices of valid keys in the flattened (batch*kv_len) axis, cu_seqlens (batch+1,) int32, max_seqlen)`.
+
+        Computed on first use and cached: one host sync per input and forward, not per layer.
+        """
+        if self._packed is None:
+            lengths = self.mask.sum(dim=-1, dtype=torch.int32)
+            indices = torch.nonzero(self.mask.flatten(), as_tuple=False).flatten()
+            cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+            self._packed = (indices, cu_seqlens, int(lengths.max()))
+        return self._packed
+
+    def zero_empty_rows(self, out: Tensor) -> Tensor:
+        """Cross-attention over no keys contributes nothing: zero the rows of samples that had none."""
+        return out * self.has_keys.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+
+
+def eager_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
+) -> tuple[Tensor, Tensor]:
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask.mask[:, None, None, :], float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if mask is not None:
+        weights = mask.zero_empty_rows(weights)
+    probs = F.dropout(weights, p=dropout) if dropout > 0 else weights
+    out = torch.matmul(probs, v.float()).to(query.dtype).transpose(1, 2)
+    return out, weights.to(query.dtype)
+
+
+def _uses_cudnn_for_mask(query: Tensor, key: Tensor) -> bool:
+    head_dim = query.shape[-1]
+    return (
+        query.is_cuda
+        and query.dtype in HALF_DTYPES
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and torch.backends.cudnn.is_available()
+    )
+
+
+def sdpa_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
+) -> tuple[Tensor, None]:
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        return out.transpose(1, 2), None
+    attn_mask = mask.mask[:, None, None, :]
+    if _uses_cudnn_for_mask(query, key):
+        # Force cuDNN: SDPA's own choice for a masked call is the memory-efficient kernel, ~12x slower here.
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+    else:
+        # fp32 or CPU: no fused masked kernel exists; SDPA picks the best it has.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+    return mask.zero_empty_rows(out.transpose(1, 2)), None
+
+
+def _pack_keys(key: Tensor, value: Tensor, mask: KeyPaddingMask) -> tuple[Tensor, Tensor, Tensor, int]:
+    indices, cu_seqlens_k, max_k = mask.packed()
+    batch, kv_len, heads, head_dim = key.shape
+    k = key.reshape(batch * kv_len, heads, head_dim).index_select(0, indices)
+    v = value.reshape(batch * kv_len, heads, head_dim).index_select(0, indices)
+    return k, v, cu_seqlens_k, max_k
+
+
+def _dense_query_seqlens(query: Tensor) -> Tensor:
+    batch, q_len = query.shape[:2]
+    return torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
+
+
+def varlen_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
+) -> tuple[Tensor, None]:
+    if mask is None or not (query.is_cuda and query.dtype in HALF_DTYPES):
+        return sdpa_attention(query, key, value, mask, scale=scale, dropout=dropout)
+    if dropout > 0:
+        raise ValueError("attn_implementation='varlen' has no attention dropout; use 'sdpa' or set dropout to 0.")
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, q_len, heads, head_dim = query.shape
+    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
+    out = varlen_attn(
+        query.reshape(batch * q_len, heads, head_dim), k, v, _dense_query_seqlens(query), cu_seqlens_k, q_len, max_k
+    )
+    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def require_flash_attn() -> None:
+    if not flash_attn_available():
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the optional `flash-attn` package, which is not installed. "
+            f"Install it with `{FLASH_ATTN_INSTALL}`, or use attn_implementation='sdpa' (PyTorch's built-in "
+            "FlashAttention-2/cuDNN kernels)."
+        )
+
+
+def flash_attention_2(
+    query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
+) -> tuple[Tensor, None]:
+    require_flash_attn()
+    # Imported here: the package is optional and only this backend needs it.
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if mask is None:
+        return flash_attn_func(query, key, value, dropout_p=dropout, softmax_scale=scale), None
+    batch, q_len, heads, head_dim = query.shape
+    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
+    out = flash_attn_varlen_func(
+        query.reshape(batch * q_len, heads, head_dim), k, v, _dense_query_seqlens(query), cu_seqlens_k,
+        q_len, max_k, dropout_p=dropout, softmax_scale=scale,
+    )
+    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+
+
+AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
+
+ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
+    "sdpa": sdpa_attention,
+    "varlen": varlen_attention,
+    "flash_attention_2": flash_attention_2,
+    "eager": eager_attention,
+}
+
+
+def check_attn_implementation(name: str | None) -> str:
+    """Validate a requested backend name (None = default) and return the one to use."""
+    name = "sdpa" if name is None else name
+    if not isinstance(name, str) or name not in ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"Unknown attn_implementation {name!r}; expected one of {sorted(ATTENTION_FUNCTIONS)}."
+        )
+    if name == "flash_attention_2":
+        require_flash_attn()
+    return name
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: KeyPaddingMask | None = None,
+    *,
+    implementation: str = "sdpa",
+    dropout: float = 0.0,
+    scale: float | None = None,
+    output_attentions: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The attention entry point of every layer.
+
+    Args:
+        query (`torch.Tensor` of shape `(batch, q_len, heads, head_dim)`): queries.
+        key, value (`torch.Tensor` of shape `(batch, kv_len, heads, head_dim)`): keys and values.
+        mask ([`KeyPaddingMask`], *optional*): key padding (True = attend).
+        implementation (`str`): a key of `ATTENTION_FUNCTIONS`.
+        dropout (`float`): attention-probability dropout (pass 0 in eval).
+        scale (`float`, *optional*): softmax scale, `1/sqrt(head_dim)` by default.
+        output_attentions (`bool`): return the attention weights; this call then runs the eager reference, whatever
+            `implementation` says (fused kernels never materialise the weights).
+
+    Returns:
+        `(output, weights)`: output `(batch, q_len, heads, head_dim)`, weights `(batch, heads, q_len, kv_len)` or None.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if output_attentions:
+        implementation = "eager"
+    return ATTENTION_FUNCTIONS[implementation](query, key, value, mask, scale=scale, dropout=dropout)

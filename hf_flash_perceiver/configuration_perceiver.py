@@ -1,0 +1,287 @@
+"""Configuration of the hf-flash-perceiver models."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+POOLING_MODES = ("average", "first", "concat", "query")
+MLP_GATE_ACTIVATIONS = ("gelu", "sigmoid", "silu")
+
+
+@strict
+class PerceiverConfig(PreTrainedConfig):
+    r"""
+    Configuration of a fused-attention Perceiver / Perceiver IO model.
+
+    The defaults describe the encoder of `flash-perceiver` 0.2.0 (512 latents of width 512, one single-head
+    cross-attention and one 8-head self-attention per block) with modern block wiring (pre-LayerNorm, residual
+    attention *and* residual MLP, normalised inputs). The `seed_*`-style switches (`mlp_residual`,
+    `cross_input_norm`, `mlp_gate_activation`, `mlp_hidden_size`, `*_qkv_bias`) exist so that a `flash-perceiver`
+    checkpoint can be reproduced exactly; keep their defaults for new models.
+
+    Args:
+        input_dim (`int` or `list[int]`, *optional*):
+            Feature width of the raw input. A list gives one width per cross-attention block (`len == depth`), in which
+            case the model takes one input per block. `None` means a head's input adapter sets the width
+            (`latent_dim` is then used); a raw-feature [`PerceiverModel`] needs it set.
+        input_names (`list[str]`, *optional*):
+            Names of the inputs, one per cross-attention block, so that `inputs` may be passed as a dict.
+        depth (`int`, *optional*, defaults to 8):
+            Number of blocks; each is one cross-attention followed by `self_per_cross_attn` self-attentions.
+        num_latents (`int`, *optional*, defaults to 512):
+            Number of learned latents. `None` means the caller passes `latents` on every forward.
+        latent_dim (`int`, *optional*, defaults to 512):
+            Width of the latents.
+        cross_heads (`int`, *optional*, defaults to 1):
+            Heads of the cross-attention.
+        cross_head_dim (`int`, *optional*, defaults to 64):
+            Head width of the cross-attention.
+        cross_rotary_emb_dim (`int`, *optional*, defaults to 0):
+            Rotary dimensions of the cross-attention (0 disables rotary). Even and at most `cross_head_dim`.
+        cross_attn_dropout (`float`, *optional*, defaults to 0.0):
+            Attention-probability dropout of the cross-attention.
+        latent_heads (`int`, *optional*, defaults to 8):
+            Heads of the latent self-attention.
+        latent_head_dim (`int`, *optional*, defaults to 64):
+            Head width of the latent self-attention.
+        latent_rotary_emb_dim (`int`, *optional*, defaults to 0):
+            Rotary dimensions of the latent self-attention. Even and at most `latent_head_dim`.
+        latent_attn_dropout (`float`, *optional*, defaults to 0.0):
+            Attention-probability dropout of the latent self-attention.
+        latent_drop (`float`, *optional*, defaults to 0.0):
+            Fraction of latents dropped per sample in training; `floor((1 - p) * m)` latents are kept.
+        weight_tie_layers (`bool`, *optional*, defaults to `False`):
+            Share the weights of every block after the first.
+        gated_mlp (`bool`, *optional*, defaults to `True`):
+            Gated (GLU-style) MLP instead of a plain GELU MLP.
+        mlp_ratio (`float`, *optional*, defaults to 4.0):
+            MLP hidden width as a multiple of the block width.
+        mlp_hidden_size (`int`, *optional*):
+            Absolute MLP hidden width for every block (overrides `mlp_ratio`).
+        mlp_gate_activation (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the gate in a gated MLP: `"gelu"`, `"silu"` or `"sigmoid"` (the seed's GLU).
+        mlp_residual (`bool`, *optional*, defaults to `True`):
+            Residual connection around the MLP. `flash-perceiver` 0.2.0 had none (`False` reproduces it).
+        cross_input_norm (`bool`, *optional*, defaults to `True`):
+            LayerNorm the inputs before the cross-attention's key/value projection (`False` as in the seed).
+        cross_qkv_bias (`bool`, *optional*, defaults to `False`):
+            Bias on the cross-attention's query/key/value projections.
+        latent_qkv_bias (`bool`, *optional*, defaults to `False`):
+            Bias on the self-attention's fused query/key/value projection (`True` in the seed).
+        self_per_cross_attn (`int`, *optional*, defaults to 1):
+            Self-attention blocks after each cross-attention.
+        num_zero_tokens (`int`, *optional*):
+            Learned tokens prepended to every input that the latents can always attend to.
+        rotary_base (`float`, *optional*, defaults to 10000.0):
+            Base of the rotary frequencies.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            LayerNorm epsilon.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated-normal initialiser of linear layers.
+        cross_attention_checkpointing (`bool`, *optional*, defaults to `False`):
+            Recompute the cross-attention's input side (LayerNorm, key/value projection, attention) in backward
+            instead of keeping it: memory per input token drops to the input itself.
+        pooling (`str`, *optional*, defaults to `"average"`):
+            Latent pooling of classification heads: `"average"`, `"first"`, `"concat"` or `"query"`.
+        num_channels (`int`, *optional*, defaults to 3):
+            Image channels (image heads).
+        image_size (`int`, *optional*, defaults to 224):
+            Image height and width (image heads).
+        patch_size (`int`, *optional*, defaults to 1):
+            Patch size of the image adapter (1 = one token per pixel).
+        num_fourier_bands (`int`, *optional*, defaults to 16):
+            Fourier position bands per spatial axis of the image adapter (0 = learned positions).
+        vocab_size (`int`, *optional*, defaults to 262):
+            Vocabulary of token heads (262 = transformers' byte-level `PerceiverTokenizer`).
+        max_position_embeddings (`int`, *optional*, defaults to 2048):
+            Longest token sequence of token heads.
+        query_dim (`int`, *optional*):
+            Width of the Perceiver IO decoder queries (`latent_dim` when unset).
+        num_queries (`int`, *optional*):
+            Number of learned decoder queries; `None` means queries are passed in.
+        output_dim (`int`, *optional*):
+            Output width of the Perceiver IO decoder (no projection when unset).
+        query_heads (`int`, *optional*, defaults to 1):
+            Heads of the decoder's cross-attention.
+        query_head_dim (`int`, *optional*, defaults to 64):
+            Head width of the decoder's cross-attention.
+        query_rotary_emb_dim (`int`, *optional*, defaults to 0):
+            Rotary dimensions of the decoder's cross-attention.
+        query_attn_dropout (`float`, *optional*, defaults to 0.0):
+            Attention-probability dropout of the decoder.
+        classifier_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout before classification heads.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Tie the masked-LM decoder to the input embedding.
+
+    Example:
+
+    ```python
+    >>> from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+
+    >>> config = PerceiverConfig(input_dim=32, depth=2, num_latents=64, latent_dim=128)
+    >>> model = PerceiverModel(config)
+    ```
+    """
+
+    model_type = "flash_perceiver"
+
+    # encoder
+    input_dim: int | list[int] | None = None
+    input_names: list[str] | None = None
+    depth: int = 8
+    num_latents: int | None = 512
+    latent_dim: int = 512
+    cross_heads: int = 1
+    cross_head_dim: int = 64
+    cross_rotary_emb_dim: int = 0
+    cross_attn_dropout: float = 0.0
+    latent_heads: int = 8
+    latent_head_dim: int = 64
+    latent_rotary_emb_dim: int = 0
+    latent_attn_dropout: float = 0.0
+    latent_drop: float = 0.0
+    weight_tie_layers: bool = False
+    gated_mlp: bool = True
+    mlp_ratio: float = 4.0
+    mlp_hidden_size: int | None = None
+    mlp_gate_activation: str = "gelu"
+    mlp_residual: bool = True
+    cross_input_norm: bool = True
+    cross_qkv_bias: bool = False
+    latent_qkv_bias: bool = False
+    self_per_cross_attn: int = 1
+    num_zero_tokens: int | None = None
+    rotary_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    cross_attention_checkpointing: bool = False
+    # heads and input adapters
+    pooling: str = "average"
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 1
+    num_fourier_bands: int = 16
+    vocab_size: int = 262
+    max_position_embeddings: int = 2048
+    query_dim: int | None = None
+    num_queries: int | None = None
+    output_dim: int | None = None
+    query_heads: int = 1
+    query_head_dim: int = 64
+    query_rotary_emb_dim: int = 0
+    query_attn_dropout: float = 0.0
+    classifier_dropout: float = 0.0
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        # JSON turns tuples into lists; normalise so that a round trip compares equal.
+        if isinstance(self.input_dim, tuple):
+            self.input_dim = list(self.input_dim)
+        if isinstance(self.input_names, tuple):
+            self.input_names = list(self.input_names)
+        super().__post_init__(**kwargs)
+        self._validate_perceiver()
+
+    # `output_attentions` must not force eager attention: every backend here can return attention maps (the
+    # attention entry point computes them for that call only), so the base class's switch-to-eager and its
+    # "not supported with sdpa" refusal do not apply.
+    @property
+    def output_attentions(self) -> bool:
+        return self._output_attentions
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool):
+        self._output_attentions = value
+
+    def validate_output_attentions(self):
+        return None
+
+    @property
+    def input_dims(self) -> list[int]:
+        """Input width of each cross-attention block (`latent_dim` where `input_dim` is unset)."""
+        if isinstance(self.input_dim, list):
+            return list(self.input_dim)
+        width = self.latent_dim if self.input_dim is None else self.input_dim
+        return [width] * self.depth
+
+    @property
+    def num_self_attention_layers(self) -> int:
+        return self.depth * self.self_per_cross_attn
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self.depth * (1 + self.self_per_cross_attn)
+
+    @property
+    def decoder_query_dim(self) -> int:
+        return self.latent_dim if self.query_dim is None else self.query_dim
+
+    def _validate_perceiver(self):
+        def positive(name, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
+
+        for name in ("depth", "latent_dim", "cross_heads", "cross_head_dim", "latent_heads", "latent_head_dim",
+                     "self_per_cross_attn", "query_heads", "query_head_dim", "num_channels", "image_size",
+                     "patch_size", "vocab_size", "max_position_embeddings"):
+            positive(name)
+        for name in ("num_latents", "mlp_hidden_size", "num_zero_tokens", "query_dim", "num_queries", "output_dim"):
+            positive(name, allow_none=True)
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio!r}.")
+        if self.num_fourier_bands < 0:
+            raise ValueError(f"`num_fourier_bands` must be >= 0, got {self.num_fourier_bands!r}.")
+
+        if isinstance(self.input_dim, list):
+            if len(self.input_dim) != self.depth:
+                raise ValueError(
+                    f"`input_dim` is a list of {len(self.input_dim)} widths but `depth` is {self.depth}: give one "
+                    "width per cross-attention block."
+                )
+            if self.weight_tie_layers:
+                raise ValueError("`weight_tie_layers=True` needs one `input_dim` for every block, got a list.")
+            for width in self.input_dim:
+                if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+                    raise ValueError(f"Every `input_dim` entry must be a positive integer, got {self.input_dim!r}.")
+        elif self.input_dim is not None:
+            positive("input_dim")
+
+        if self.input_names is not None:
+            if len(self.input_names) != self.depth or len(set(self.input_names)) != len(self.input_names):
+                raise ValueError(
+                    f"`input_names` must hold {self.depth} distinct names (one per cross-attention block), got "
+                    f"{self.input_names!r}."
+                )
+
+        for rotary, head in (("cross_rotary_emb_dim", "cross_head_dim"), ("latent_rotary_emb_dim", "latent_head_dim"),
+                             ("query_rotary_emb_dim", "query_head_dim")):
+            value, head_dim = getattr(self, rotary), getattr(self, head)
+            if value < 0 or value % 2 or value > head_dim:
+                raise ValueError(
+                    f"`{rotary}` must be an even number between 0 and `{head}` ({head_dim}), got {value}."
+                )
+
+        for name in ("cross_attn_dropout", "latent_attn_dropout", "query_attn_dropout", "classifier_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
+        if not 0.0 <= self.latent_drop < 1.0:
+            raise ValueError(f"`latent_drop` must be in [0, 1), got {self.latent_drop!r}.")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        if self.pooling == "concat" and (self.num_latents is None or self.latent_drop > 0):
+            raise ValueError("`pooling='concat'` needs a fixed number of latents: set `num_latents` and `latent_drop=0`.")
+        if self.mlp_gate_activation not in MLP_GATE_ACTIVATIONS:
+            raise ValueError(
+                f"`mlp_gate_activation` must be one of {MLP_GATE_ACTIVATIONS}, got {self.mlp_gate_activation!r}."
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size}).")
+
+
+__all__ = ["PerceiverConfig"]

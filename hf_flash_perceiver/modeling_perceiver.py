@@ -1,0 +1,606 @@
+"""Perceiver and Perceiver IO models on fused attention, as transformers `PreTrainedModel`s."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import ModelOutput
+
+from .attention import KeyPaddingMask, check_attn_implementation
+from .configuration_perceiver import PerceiverConfig
+from .layers import (
+    PerceiverBlock,
+    PerceiverRotaryEmbedding,
+    cross_attention_block,
+    decoder_block,
+    drop_tokens,
+    self_attention_block,
+)
+
+
+InputsType = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+MaskType = Tensor | Sequence[Tensor | None] | Mapping[str, Tensor | None] | None
+
+
+@dataclass
+class PerceiverModelOutput(ModelOutput):
+    r"""
+    Output of [`PerceiverModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_latents, latent_dim)`):
+            The final latents.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The latents entering the first block, then after every attention block:
+            `1 + depth * (1 + self_per_cross_attn)` tensors of shape `(batch_size, num_latents, latent_dim)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            One map per attention layer in the order cross_0, self_0_0, ..., cross_1, ...: cross maps
+            `(batch_size, cross_heads, num_latents, seq_len)` (masked keys exactly 0), self maps
+            `(batch_size, latent_heads, num_latents, num_latents)`.
+    """
+
+    last_hidden_state: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class PerceiverIOOutput(ModelOutput):
+    r"""
+    Output of the Perceiver IO models.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            The training loss.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_queries, output_dim)`):
+            Decoder outputs (zero at masked queries).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_latents, latent_dim)`):
+            The final latents of the encoder.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`PerceiverModelOutput`].
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the encoder's maps, as in [`PerceiverModelOutput`].
+        cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The decoder's map `(batch_size, query_heads, num_queries, num_latents)`.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
+
+
+class PerceiverPreTrainedModel(PreTrainedModel):
+    config_class = PerceiverConfig
+    config: PerceiverConfig
+    base_model_prefix = "perceiver"
+    main_input_name = "inputs"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PerceiverBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
+        # Our own dispatch table decides, so that an unknown name or a missing flash-attn fails with our message
+        # (naming the install command) before transformers' check, which may try a Hub kernel instead.
+        return check_attn_implementation(attn_implementation)
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        return check_attn_implementation(requested_attention)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, PerceiverRotaryEmbedding):
+            # Non-persistent: not in the checkpoint, garbage after a meta-device build unless recomputed here.
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+        for name, param in module.named_parameters(recurse=False):
+            # Learned token tables (latents, zero tokens, queries) are plain Parameters on their owner.
+            if name in ("latents", "queries", "query") or isinstance(module, nn.ParameterList):
+                init.trunc_normal_(param, std=std)
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+class PerceiverEncoder(nn.Module):
+    """The shared Perceiver core: `depth` x (cross-attention + `self_per_cross_attn` self-attentions) over latents.
+
+    With `weight_tie_layers`, blocks after the first share one set of modules: the unique modules are kept once and
+    indexed (registering one module twice would make `save_pretrained` fail on shared tensors).
+    """
+
+    def __init__(self, config: PerceiverConfig, input_dims: list[int]):
+        super().__init__()
+        self.config = config
+        self.input_dims = list(input_dims)
+        unique = min(config.depth, 2) if config.weight_tie_layers else config.depth
+        self.cross_layers = nn.ModuleList(cross_attention_block(config, self.input_dims[i]) for i in range(unique))
+        self.self_layers = nn.ModuleList(
+            nn.ModuleList(self_attention_block(config) for _ in range(config.self_per_cross_attn)) for _ in range(unique)
+        )
+        if config.num_zero_tokens:
+            self.zero_tokens = nn.ParameterList(
+                nn.Parameter(torch.zeros(config.num_zero_tokens, dim)) for dim in self.input_dims
+            )
+        else:
+            self.zero_tokens = None
+        self.gradient_checkpointing = False
+
+    def block_index(self, i: int) -> int:
+        return min(i, len(self.cross_layers) - 1)
+
+    # ------------------------------------------------------------------ input validation
+    def normalize_inputs(self, inputs: InputsType, attention_mask: MaskType) -> tuple[list[Tensor], list]:
+        """Bring `inputs`/`attention_mask` (tensor, list or dict) to one list entry per cross-attention block."""
+        depth = self.config.depth
+        names = self.config.input_names
+        if isinstance(inputs, Tensor):
+            if attention_mask is not None and not isinstance(attention_mask, Tensor):
+                raise TypeError(
+                    f"`attention_mask` must be a tensor when `inputs` is a tensor, got {_type_name(attention_mask)}."
+                )
+            return [inputs] * depth, [attention_mask] * depth
+        if isinstance(inputs, Mapping):
+            if names is None:
+                raise ValueError("`inputs` is a dict but `config.input_names` is not set; pass a list or set the names.")
+            if set(inputs) != set(names):
+                raise ValueError(f"`inputs` keys must be exactly {sorted(names)}, got {sorted(inputs)}.")
+            if attention_mask is not None:
+                if not isinstance(attention_mask, Mapping):
+                    raise TypeError(
+                        f"`attention_mask` must be a dict like `inputs`, got {_type_name(attention_mask)}."
+                    )
+                unknown = set(attention_mask) - set(names)
+                if unknown:
+                    raise ValueError(f"`attention_mask` has unknown keys {sorted(unknown)}; expected a subset of {names}.")
+                masks = [attention_mask.get(name) for name in names]
+            else:
+                masks = [None] * depth
+            return [inputs[name] for name in names], masks
+        if isinstance(inputs, Sequence) and not isinstance(inputs, str):
+            if len(inputs) != depth:
+                raise ValueError(f"Expected {depth} inputs (one per cross-attention block), got {len(inputs)}.")
+            if attention_mask is None:
+                masks = [None] * depth
+            elif isinstance(attention_mask, Sequence) and not isinstance(attention_mask, str):
+                if len(attention_mask) != depth:
+                    raise ValueError(f"Expected {depth} masks (one per input, None allowed), got {len(attention_mask)}.")
+                masks = list(attention_mask)
+            else:
+                raise TypeError(
+                    f"`attention_mask` must be a list like `inputs`, got {_type_name(attention_mask)}."
+                )
+            return list(inputs), masks
+        raise TypeError(f"`inputs` must be a tensor, a list of tensors or a dict of tensors, got {_type_name(inputs)}.")
+
+    def prepare_inputs(self, inputs: InputsType, attention_mask: MaskType) -> list[tuple[Tensor, KeyPaddingMask | None]]:
+        """Validate inputs and masks and build each block's `(context, KeyPaddingMask)` once per forward.
+
+        A tensor passed once for every block is prepared once and shared (same mask object, so the varlen packing is
+        computed once). Zero tokens are prepended per block (they are per-block parameters).
+        """
+        tensors, masks = self.normalize_inputs(inputs, attention_mask)
+        batch = None
+        prepared: list[tuple[Tensor, KeyPaddingMask | None]] = []
+        cache: dict[tuple[int, int], tuple[Tensor, KeyPaddingMask | None]] = {}
+        for i, (x, mask) in enumerate(zip(tensors, masks)):
+            key = (id(x), id(mask))
+            if key not in cache:
+                cache[key] = self._prepare_one(i, x, mask)
+            x_i, mask_i = cache[key]
+            if batch is None:
+                batch = x_i.shape[0]
+            elif x_i.shape[0] != batch:
+                raise ValueError(f"All inputs must share one batch size; input 0 has {batch}, input {i} has {x_i.shape[0]}.")
+            prepared.append((x_i, mask_i))
+        if self.zero_tokens is not None:
+            extended: dict[int, KeyPaddingMask] = {}
+            prepared = [self._add_zero_tokens(i, x, m, extended) for i, (x, m) in enumerate(prepared)]
+        return prepared
+
+    def _prepare_one(self, i: int, x: Tensor, mask: Tensor | None) -> tuple[Tensor, KeyPaddingMask | None]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Input {i} must be a torch.Tensor, got {_type_name(x)}.")
+        if x.dim() != 3:
+            raise ValueError(f"Input {i} must have shape (batch, seq_len, {self.input_dims[i]}), got {tuple(x.shape)}.")
+        if x.shape[-1] != self.input_dims[i]:
+            raise ValueError(
+                f"Input {i} has feature dim {x.shape[-1]} but the model expects input_dim={self.input_dims[i]}."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"Input {i} must be a floating-point tensor, got dtype {x.dtype}.")
+        if mask is None:
+            return x, None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"Mask {i} must be a torch.Tensor or None, got {_type_name(mask)}.")
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"Mask {i} must have shape (batch, seq_len) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}."
+            )
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(f"Mask {i} must be bool or 0/1 integers, got dtype {mask.dtype}.")
+            if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError(f"Mask {i} must hold only 0/1 (or True/False), got values {mask.unique().tolist()}.")
+            mask = mask != 0
+        # Eager mode only (a data-dependent branch would break a compiled graph): an all-True mask is no mask, and
+        # dropping it keeps the unmasked fast path.
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            return x, None
+        # Padding content must not matter, whatever the kernel does with masked keys: zero it (NaN/Inf in padding
+        # would otherwise leak through 0 * NaN in some kernels). NaN/Inf in attended tokens is *not* hidden.
+        x = x.masked_fill(~mask[..., None], 0.0)
+        return x, KeyPaddingMask.from_mask(mask)
+
+    def _add_zero_tokens(
+        self, i: int, x: Tensor, mask: KeyPaddingMask | None, extended: dict[int, KeyPaddingMask]
+    ) -> tuple[Tensor, KeyPaddingMask | None]:
+        zeros = self.zero_tokens[i].to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([zeros, x], dim=1)
+        if mask is not None:
+            # Zero tokens are always attendable; blocks sharing one input share the extended mask too.
+            if id(mask) not in extended:
+                ones = mask.mask.new_ones(x.shape[0], zeros.shape[1])
+                extended[id(mask)] = KeyPaddingMask.from_mask(torch.cat([ones, mask.mask & mask.has_keys[:, None]], 1))
+            mask = extended[id(mask)]
+        return x, mask
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        latents: Tensor,
+        contexts: list[tuple[Tensor, KeyPaddingMask | None]],
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> PerceiverModelOutput:
+        hidden_states = (latents,) if output_hidden_states else None
+        attentions = () if output_attentions else None
+        x = latents
+        for i, (context, mask) in enumerate(contexts):
+            b = self.block_index(i)
+            for layer, ctx in [(self.cross_layers[b], context)] + [(s, None) for s in self.self_layers[b]]:
+                x, weights = layer(x, ctx, mask if ctx is not None else None, output_attentions)
+                if output_hidden_states:
+                    hidden_states += (x,)
+                if output_attentions:
+                    attentions += (weights,)
+        return PerceiverModelOutput(last_hidden_state=x, hidden_states=hidden_states, attentions=attentions)
+
+
+class PerceiverModel(PerceiverPreTrainedModel):
+    r"""
+    The bare Perceiver encoder: learned latents cross-attend to the inputs and refine themselves by self-attention.
+
+    Args:
+        config ([`PerceiverConfig`]): the model configuration. `config.input_dim` must be set (raw features).
+        input_dims (`list[int]`, *optional*): used by heads whose input adapter sets the width; leave unset.
+    """
+
+    def __init__(self, config: PerceiverConfig, input_dims: list[int] | None = None):
+        super().__init__(config)
+        if input_dims is None:
+            if config.input_dim is None:
+                raise ValueError(
+                    "PerceiverModel takes raw features and needs `config.input_dim` (an int, or one int per block); "
+                    "got None. Heads with an input adapter (images, token ids) set the width themselves."
+                )
+            input_dims = config.input_dims
+        self.latents = nn.Parameter(torch.zeros(config.num_latents, config.latent_dim)) if config.num_latents else None
+        self.encoder = PerceiverEncoder(config, input_dims)
+        self.post_init()
+
+    def prepare_latents(self, latents: Tensor | None, batch_size: int) -> Tensor:
+        width = self.config.latent_dim
+        if latents is None:
+            if self.latents is None:
+                raise ValueError("The model has no learned latents (`num_latents=None`): pass `latents`.")
+            latents = self.latents
+        elif not isinstance(latents, Tensor):
+            raise TypeError(f"`latents` must be a tensor, got {_type_name(latents)}.")
+        if latents.dim() not in (2, 3) or latents.shape[-1] != width:
+            raise ValueError(
+                f"`latents` must have shape (num_latents, {width}) or (batch, num_latents, {width}), "
+                f"got {tuple(latents.shape)}."
+            )
+        if latents.dim() == 2:
+            latents = latents.expand(batch_size, -1, -1)
+        elif latents.shape[0] != batch_size:
+            raise ValueError(f"`latents` has batch size {latents.shape[0]} but the inputs have {batch_size}.")
+        if self.training and self.config.latent_drop > 0:
+            latents = drop_tokens(latents, self.config.latent_drop)
+        return latents
+
+    def forward(
+        self,
+        inputs: InputsType,
+        attention_mask: MaskType = None,
+        latents: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> PerceiverModelOutput | tuple:
+        r"""
+        Args:
+            inputs (`torch.FloatTensor` of shape `(batch_size, seq_len, input_dim)`, or a list/dict of them):
+                The input. One tensor is read by every cross-attention block; a list (one per block) or a dict
+                keyed by `config.input_names` gives each block its own input, with its own length and width.
+            attention_mask (`torch.BoolTensor` or 0/1 `torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Key padding: True/1 = attend. Same structure as `inputs`, with None allowed per input.
+            latents (`torch.FloatTensor` of shape `(num_latents, latent_dim)` or `(batch_size, num_latents, latent_dim)`, *optional*):
+                Custom latents, any number of them, instead of the learned ones.
+            output_attentions (`bool`, *optional*):
+                Return every layer's attention map (computed for this call by the eager reference; the model keeps
+                its backend).
+            output_hidden_states (`bool`, *optional*):
+                Return the latents before the first and after every attention block.
+            return_dict (`bool`, *optional*):
+                Return a [`PerceiverModelOutput`] instead of a tuple.
+
+        NaN or Inf in attended input tokens propagate to the output (nothing hides them); padded tokens are zeroed
+        before use and never influence it.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        contexts = self.encoder.prepare_inputs(inputs, attention_mask)
+        latents = self.prepare_latents(latents, contexts[0][0].shape[0])
+        outputs = self.encoder(latents, contexts, output_attentions, output_hidden_states)
+        return outputs if return_dict else outputs.to_tuple()
+
+
+def _expand_queries(queries: Tensor, batch_size: int, width: int, name: str = "queries") -> Tensor:
+    if not isinstance(queries, Tensor):
+        raise TypeError(f"`{name}` must be a tensor, got {_type_name(queries)}.")
+    if queries.dim() not in (2, 3) or queries.shape[-1] != width:
+        raise ValueError(
+            f"`{name}` must have shape (num_queries, {width}) or (batch, num_queries, {width}), got {tuple(queries.shape)}."
+        )
+    if queries.dim() == 2:
+        return queries.expand(batch_size, -1, -1)
+    if queries.shape[0] != batch_size:
+        raise ValueError(f"`{name}` has batch size {queries.shape[0]} but the inputs have {batch_size}.")
+    return queries
+
+
+class PerceiverDecoder(nn.Module):
+    """Perceiver IO decoder: queries cross-attend to the latents, then an optional LayerNorm + Linear to
+    `config.output_dim`. Outputs at masked queries are exactly zero."""
+
+    def __init__(self, config: PerceiverConfig):
+        super().__init__()
+        self.config = config
+        width = config.decoder_query_dim
+        self.queries = nn.Parameter(torch.zeros(config.num_queries, width)) if config.num_queries else None
+        self.block = decoder_block(config)
+        if config.output_dim is not None:
+            self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+            self.proj = nn.Linear(width, config.output_dim)
+        else:
+            self.norm = self.proj = None
+
+    def forward(
+        self,
+        latents: Tensor,
+        queries: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        batch = latents.shape[0]
+        if queries is None:
+            if self.queries is None:
+                raise ValueError("The decoder has no learned queries (`num_queries=None`): pass `queries`.")
+            queries = self.queries
+        queries = _expand_queries(queries, batch, self.config.decoder_query_dim)
+        out, weights = self.block(queries, latents, None, output_attentions)
+        if self.proj is not None:
+            out = self.proj(self.norm(out))
+        if query_mask is not None:
+            if not isinstance(query_mask, Tensor) or tuple(query_mask.shape) != tuple(out.shape[:2]):
+                got = tuple(query_mask.shape) if isinstance(query_mask, Tensor) else _type_name(query_mask)
+                raise ValueError(f"`query_mask` must have shape (batch, num_queries) = {tuple(out.shape[:2])}, got {got}.")
+            if query_mask.is_floating_point():
+                raise TypeError(f"`query_mask` must be bool or 0/1 integers, got dtype {query_mask.dtype}.")
+            out = out * (query_mask != 0)[..., None].to(out.dtype)
+        return out, weights
+
+
+class PerceiverIOModel(PerceiverPreTrainedModel):
+    r"""
+    Perceiver IO: the Perceiver encoder followed by a decoder in which queries (learned, or passed in) cross-attend
+    to the latents and are projected to `config.output_dim`.
+    """
+
+    def __init__(self, config: PerceiverConfig, input_dims: list[int] | None = None):
+        super().__init__(config)
+        self.perceiver = PerceiverModel(config, input_dims)
+        self.decoder = PerceiverDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        inputs: InputsType,
+        attention_mask: MaskType = None,
+        queries: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        latents: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> PerceiverIOOutput | tuple:
+        r"""
+        Args:
+            inputs, attention_mask, latents: as in [`PerceiverModel.forward`].
+            queries (`torch.FloatTensor` of shape `(num_queries, query_dim)` or `(batch_size, num_queries, query_dim)`, *optional*):
+                Decoder queries; the learned ones (`config.num_queries`) when not given.
+            query_mask (`torch.BoolTensor` of shape `(batch_size, num_queries)`, *optional*):
+                False/0 marks padded queries: their outputs are exactly zero.
+            output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        enc = self.perceiver(inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict=True)
+        logits, weights = self.decoder(enc.last_hidden_state, queries, query_mask, output_attentions)
+        out = PerceiverIOOutput(
+            logits=logits,
+            last_hidden_state=enc.last_hidden_state,
+            hidden_states=enc.hidden_states,
+            attentions=enc.attentions,
+            cross_attentions=(weights,) if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class PerceiverClassificationHead(nn.Module):
+    """Pools the latents (`config.pooling`) and classifies: LayerNorm + dropout + Linear to `num_labels`."""
+
+    def __init__(self, config: PerceiverConfig):
+        super().__init__()
+        self.pooling = config.pooling
+        width = config.latent_dim * config.num_latents if config.pooling == "concat" else config.latent_dim
+        if config.pooling == "query":
+            # Perceiver IO style: one learned query cross-attends to the latents.
+            self.query = nn.Parameter(torch.zeros(1, config.latent_dim))
+            self.query_block = PerceiverBlock(
+                config, config.latent_dim, config.query_heads, config.query_head_dim, 0, config.query_attn_dropout,
+                kv_dim=config.latent_dim, qkv_bias=config.cross_qkv_bias,
+            )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(width, config.num_labels)
+
+    def pool(self, latents: Tensor) -> Tensor:
+        if self.pooling == "average":
+            return latents.mean(dim=1)
+        if self.pooling == "first":
+            return latents[:, 0]
+        if self.pooling == "concat":
+            return latents.flatten(1)
+        query = self.query.expand(latents.shape[0], -1, -1)
+        return self.query_block(query, latents)[0][:, 0]
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.norm(self.pool(latents))))
+
+
+def classification_loss(config: PerceiverConfig, logits: Tensor, labels: Tensor) -> Tensor:
+    """Loss by `config.problem_type` (inferred as transformers does), with labels validated against it."""
+    num_labels = config.num_labels
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a tensor, got {_type_name(labels)}.")
+    batch = logits.shape[0]
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    kind = config.problem_type
+    if kind == "regression":
+        if not labels.is_floating_point() or labels.numel() != batch * num_labels:
+            raise ValueError(
+                f"Regression labels must be float of shape ({batch},) or ({batch}, {num_labels}), "
+                f"got {labels.dtype} {tuple(labels.shape)}."
+            )
+        return F.mse_loss(logits.float().view(batch, num_labels), labels.float().view(batch, num_labels))
+    if kind == "single_label_classification":
+        if labels.is_floating_point() or labels.shape not in ((batch,), (batch, 1)):
+            raise ValueError(
+                f"Single-label classification labels must be integer class ids of shape ({batch},), "
+                f"got {labels.dtype} {tuple(labels.shape)}."
+            )
+        labels = labels.view(batch).long()
+        valid = labels != -100
+        if not torch.compiler.is_compiling() and bool(((labels < 0) & valid).any() | (labels >= num_labels).any()):
+            raise ValueError(f"Class ids must be in [0, {num_labels}) (or -100 to ignore), got {labels.tolist()}.")
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    if tuple(labels.shape) != (batch, num_labels):
+        raise ValueError(
+            f"Multi-label classification labels must have shape ({batch}, {num_labels}) with 0/1 entries, "
+            f"got {labels.dtype} {tuple(labels.shape)}."
+        )
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class PerceiverForSequenceClassification(PerceiverPreTrainedModel):
+    r"""
+    Perceiver with a classification head over the pooled latents (`config.pooling`: `"average"`, `"first"`,
+    `"concat"` or `"query"`). Takes raw features (`inputs`), like [`PerceiverModel`].
+    """
+
+    def __init__(self, config: PerceiverConfig, input_dims: list[int] | None = None):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.perceiver = PerceiverModel(config, input_dims)
+        self.head = PerceiverClassificationHead(config)
+        self.post_init()
+
+    def forward_features(self, inputs: InputsType, attention_mask: MaskType = None, latents: Tensor | None = None,
+                         output_attentions: bool | None = None,
+                         output_hidden_states: bool | None = None) -> PerceiverModelOutput:
+        """The encoder's output (final latents) for `inputs`."""
+        return self.perceiver(inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict=True)
+
+    def forward_head(self, latents: Tensor) -> Tensor:
+        """Pool and classify final latents: `(batch, num_labels)` logits."""
+        return self.head(latents)
+
+    def forward(
+        self,
+        inputs: InputsType,
+        attention_mask: MaskType = None,
+        latents: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        Args:
+            inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict:
+                as in [`PerceiverModel.forward`].
+            labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor`, *optional*):
+                Class ids (single-label), multi-hot `(batch_size, num_labels)` (multi-label) or targets (regression).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        enc = self.forward_features(inputs, attention_mask, latents, output_attentions, output_hidden_states)
+        logits = self.forward_head(enc.last_hidden_state)
+        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        out = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions
+        )
+        return out if return_dict else out.to_tuple()
+
+
+__all__ = [
+    "PerceiverPreTrainedModel",
+    "PerceiverEncoder",
+    "PerceiverModel",
+    "PerceiverModelOutput",
+    "PerceiverDecoder",
+    "PerceiverIOModel",
+    "PerceiverIOOutput",
+    "PerceiverClassificationHead",
+    "PerceiverForSequenceClassification",
+    "classification_loss",
+]

@@ -1,0 +1,465 @@
+"""Core encoder: config, backends against the fp32 reference, masks, rotary, save/load, checkpointing, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel
+
+import hf_flash_perceiver
+from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+from hf_flash_perceiver.attention import KeyPaddingMask, attention
+
+from reference import reference_forward
+
+
+CPU_BACKENDS = ["eager", "sdpa", "varlen"]  # varlen runs SDPA off CUDA; the CUDA varlen kernel is in test_cuda.py
+FP32_TOL = 1e-5  # CPU fp32 vs the fp32 reference: only summation order differs
+
+
+def small_config(**kw) -> PerceiverConfig:
+    base = dict(
+        input_dim=12, depth=2, num_latents=6, latent_dim=32, cross_heads=2, cross_head_dim=8, latent_heads=4,
+        latent_head_dim=8,
+    )
+    base.update(kw)
+    return PerceiverConfig(**base)
+
+
+def random_config(seed: int) -> PerceiverConfig:
+    rng = random.Random(seed)
+    depth = rng.choice([1, 2, 3])
+    list_inputs = rng.random() < 0.3
+    cross_head_dim = rng.choice([8, 16])
+    latent_head_dim = rng.choice([8, 16])
+    return PerceiverConfig(
+        input_dim=[rng.choice([5, 12, 16]) for _ in range(depth)] if list_inputs else rng.choice([5, 12, 16]),
+        depth=depth,
+        num_latents=rng.choice([1, 4, 7]),
+        latent_dim=rng.choice([16, 24, 32]),
+        cross_heads=rng.choice([1, 2, 3]),
+        cross_head_dim=cross_head_dim,
+        cross_rotary_emb_dim=rng.choice([0, 4, cross_head_dim]),
+        latent_heads=rng.choice([1, 2, 4]),
+        latent_head_dim=latent_head_dim,
+        latent_rotary_emb_dim=rng.choice([0, 4, latent_head_dim]),
+        gated_mlp=rng.random() < 0.5,
+        mlp_gate_activation=rng.choice(["gelu", "silu", "sigmoid"]),
+        mlp_residual=rng.random() < 0.7,
+        cross_input_norm=rng.random() < 0.7,
+        latent_qkv_bias=rng.random() < 0.5,
+        cross_qkv_bias=rng.random() < 0.5,
+        weight_tie_layers=(not list_inputs) and rng.random() < 0.5,
+        self_per_cross_attn=rng.choice([1, 2]),
+        num_zero_tokens=rng.choice([None, 1, 3]),
+    )
+
+
+def make_inputs(config, batch=3, seq=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = seq if isinstance(seq, list) else [seq or 9] * config.depth
+    dims = config.input_dims
+    if isinstance(config.input_dim, list):
+        return [torch.randn(batch, seqs[i], dims[i], generator=g) for i in range(config.depth)]
+    return torch.randn(batch, seqs[0], dims[0], generator=g)
+
+
+def build(config, impl="sdpa", seed=0):
+    torch.manual_seed(seed)
+    model = PerceiverModel._from_config(config, attn_implementation=impl).eval()
+    # Randomise LayerNorm affine params and biases too, so that a mix-up between them cannot hide.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_defaults_and_auto():
+    cfg = AutoConfig.for_model("flash_perceiver")
+    assert type(cfg) is PerceiverConfig
+    assert (cfg.num_latents, cfg.latent_dim, cfg.cross_heads, cfg.latent_heads, cfg.gated_mlp) == (512, 512, 1, 8, True)
+    assert cfg.input_dim is None
+
+
+def test_config_round_trip(tmp_path):
+    cfg = random_config(3)
+    cfg.input_names = [f"in{i}" for i in range(cfg.depth)]
+    cfg.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["model_type"] == "flash_perceiver"
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is PerceiverConfig
+    for key, value in cfg.to_dict().items():
+        if key.startswith("_") or key in ("transformers_version",):
+            continue
+        assert getattr(loaded, key) == value, key
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_dim=[4, 5], depth=3), "one width per cross-attention block"),
+        (dict(input_dim=[4, 5], depth=2, weight_tie_layers=True), "weight_tie_layers"),
+        (dict(cross_rotary_emb_dim=128, cross_head_dim=64), "cross_rotary_emb_dim"),
+        (dict(latent_rotary_emb_dim=7), "latent_rotary_emb_dim"),
+        (dict(depth=0), "depth"),
+        (dict(latent_dim=-4), "latent_dim"),
+        (dict(num_latents=0), "num_latents"),
+        (dict(input_names=["a"], depth=2), "input_names"),
+        (dict(latent_drop=1.0), "latent_drop"),
+        (dict(pooling="max"), "pooling"),
+    ],
+)
+def test_config_invalid(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PerceiverConfig(**kwargs)
+
+
+def test_raw_feature_model_needs_input_dim():
+    with pytest.raises(ValueError, match="input_dim"):
+        PerceiverModel(PerceiverConfig(depth=1, num_latents=4, latent_dim=16))
+
+
+def test_nothing_resolves_to_transformers_perceiver(tmp_path):
+    cfg = small_config()
+    assert type(AutoModel.from_config(cfg)) is PerceiverModel
+    PerceiverModel(cfg).save_pretrained(tmp_path)
+    assert type(AutoModel.from_pretrained(tmp_path)) is PerceiverModel
+    assert type(AutoConfig.from_pretrained(tmp_path)) is PerceiverConfig
+    # transformers resolves some auto classes by config *class name*; every auto class that accepts our config must
+    # give one of our classes, never transformers' Perceiver.
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        auto = getattr(transformers, name)
+        if not hasattr(auto, "from_config"):
+            continue
+        try:
+            model = auto.from_config(cfg)
+        except (ValueError, KeyError, TypeError, AttributeError, ImportError):
+            continue
+        assert type(model).__module__.startswith("hf_flash_perceiver"), (name, type(model))
+
+
+# ------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+def test_backends_match_reference(seed, impl):
+    cfg = random_config(seed)
+    model = build(cfg, impl, seed)
+    inputs = make_inputs(cfg, seed=seed)
+    out = model(inputs).last_hidden_state
+    ref, _, _ = reference_forward(model, inputs)
+    torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+def test_hidden_states_and_attentions(impl):
+    cfg = small_config(cross_rotary_emb_dim=4, latent_rotary_emb_dim=8, self_per_cross_attn=2, num_zero_tokens=2)
+    model = build(cfg, impl)
+    x = make_inputs(cfg)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, 4:] = False
+    out = model(x, mask, output_attentions=True, output_hidden_states=True)
+    ref, ref_hidden, ref_maps = reference_forward(model, x, mask)
+    assert len(out.hidden_states) == 1 + cfg.depth * (1 + cfg.self_per_cross_attn)
+    assert len(out.attentions) == cfg.num_attention_layers
+    for h, r in zip(out.hidden_states, ref_hidden):
+        torch.testing.assert_close(h, r, atol=FP32_TOL, rtol=FP32_TOL)
+    for i, (a, r) in enumerate(zip(out.attentions, ref_maps)):
+        if i % (1 + cfg.self_per_cross_attn) == 0:
+            assert a.shape == (3, cfg.cross_heads, cfg.num_latents, 9 + 2)
+            assert torch.all(a[0, :, :, 2 + 4:] == 0)  # masked keys exactly zero
+        else:
+            assert a.shape == (3, cfg.latent_heads, cfg.num_latents, cfg.num_latents)
+        torch.testing.assert_close(a, r, atol=FP32_TOL, rtol=FP32_TOL)
+    # the model keeps its backend for later calls
+    assert model.config._attn_implementation == impl
+
+
+def test_output_attentions_via_config_keeps_backend(tmp_path):
+    cfg = small_config()
+    PerceiverModel(cfg).save_pretrained(tmp_path)
+    model = PerceiverModel.from_pretrained(tmp_path, output_attentions=True)
+    assert model.config._attn_implementation == "sdpa"
+    out = model(make_inputs(cfg))
+    assert len(out.attentions) == cfg.num_attention_layers
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+@pytest.mark.parametrize("rotary", [0, 4])
+def test_mask_equals_truncation(impl, rotary):
+    cfg = small_config(cross_rotary_emb_dim=rotary, num_zero_tokens=2)
+    model = build(cfg, impl)
+    x = make_inputs(cfg, batch=4, seq=10)
+    lengths = [10, 7, 3, 1]
+    mask = torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]
+    out = model(x, mask.long()).last_hidden_state  # 0/1 integers, as tokenizers produce
+    for b, n in enumerate(lengths):
+        alone = model(x[b : b + 1, :n]).last_hidden_state
+        torch.testing.assert_close(out[b : b + 1], alone, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+def test_random_mask_equals_compacted_input(impl):
+    cfg = small_config()
+    model = build(cfg, impl)
+    g = torch.Generator().manual_seed(1)
+    x = make_inputs(cfg, batch=5, seq=11)
+    mask = torch.rand(5, 11, generator=g) < 0.6
+    mask[:, 0] = True
+    out = model(x, mask).last_hidden_state
+    ref, _, _ = reference_forward(model, x, mask)
+    torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+    for b in range(5):
+        alone = model(x[b : b + 1, mask[b]]).last_hidden_state
+        torch.testing.assert_close(out[b : b + 1], alone, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+def test_fully_masked_sample_is_finite(impl):
+    cfg = small_config()
+    model = build(cfg, impl)
+    x = make_inputs(cfg)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1] = False
+    out = model(x, mask, output_attentions=(impl == "eager")).last_hidden_state
+    assert torch.isfinite(out).all()
+    ref, _, _ = reference_forward(model, x, mask)
+    torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+    # cross-attention contributed nothing: the sample equals one whose inputs are anything at all
+    x2 = x.clone()
+    x2[1] = 1e3
+    torch.testing.assert_close(model(x2, mask).last_hidden_state[1], out[1])
+
+
+def test_all_true_mask_is_dropped():
+    cfg = small_config()
+    model = build(cfg)
+    x = make_inputs(cfg)
+    contexts = model.encoder.prepare_inputs(x, torch.ones(3, 9, dtype=torch.long))
+    assert all(mask is None for _, mask in contexts)
+    torch.testing.assert_close(model(x, torch.ones(3, 9, dtype=torch.bool)).last_hidden_state,
+                               model(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
+def test_permutation_invariance_without_cross_rotary(impl):
+    cfg = small_config(latent_rotary_emb_dim=4, num_zero_tokens=1)
+    model = build(cfg, impl)
+    x = make_inputs(cfg, seq=10)
+    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) < 0.7
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(2))
+    a = model(x, mask).last_hidden_state
+    b = model(x[:, perm], mask[:, perm]).last_hidden_state
+    torch.testing.assert_close(a, b, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_padding_content_never_matters_but_nan_in_tokens_propagates():
+    cfg = small_config()
+    model = build(cfg)
+    x = make_inputs(cfg)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[:, 6:] = False
+    x_nan_pad = x.clone()
+    x_nan_pad[:, 6:] = float("nan")
+    torch.testing.assert_close(model(x_nan_pad, mask).last_hidden_state, model(x, mask).last_hidden_state)
+    x_nan = x.clone()
+    x_nan[0, 2, 0] = float("nan")
+    out = model(x_nan, mask).last_hidden_state
+    assert torch.isnan(out[0]).any()  # not silenced
+    assert torch.isfinite(out[1:]).all()
+
+
+def test_multiple_inputs_list_and_dict():
+    cfg = small_config(input_dim=[5, 7], input_names=["audio", "video"])
+    model = build(cfg)
+    a, v = torch.randn(2, 4, 5), torch.randn(2, 6, 7)
+    mv = torch.ones(2, 6, dtype=torch.bool)
+    mv[1, 3:] = False
+    out_list = model([a, v], [None, mv]).last_hidden_state
+    out_dict = model({"video": v, "audio": a}, {"video": mv}).last_hidden_state
+    torch.testing.assert_close(out_list, out_dict)
+    ref, _, _ = reference_forward(model, [a, v], [None, mv])
+    torch.testing.assert_close(out_list, ref, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_custom_latents_and_no_learned_latents():
+    cfg = small_config(num_latents=None)
+    model = build(cfg)
+    x = make_inputs(cfg)
+    lat = torch.randn(11, cfg.latent_dim)
+    out = model(x, latents=lat).last_hidden_state
+    assert out.shape == (3, 11, cfg.latent_dim)
+    ref, _, _ = reference_forward(model, x, latents=lat)
+    torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+    per_sample = lat.expand(3, -1, -1).clone()
+    torch.testing.assert_close(model(x, latents=per_sample).last_hidden_state, out)
+    with pytest.raises(ValueError, match="pass `latents`"):
+        model(x)
+
+
+def test_latent_drop_keeps_floor_fraction():
+    cfg = small_config(num_latents=10, latent_drop=0.35)
+    model = build(cfg).train()
+    out = model(make_inputs(cfg), output_hidden_states=True)
+    assert out.last_hidden_state.shape[1] == 6  # floor(0.65 * 10)
+    # the kept latents are a subset of the learned ones, in order
+    kept = out.hidden_states[0][0]
+    idx = [int((model.latents - row).abs().sum(-1).argmin()) for row in kept]
+    assert idx == sorted(idx) and len(set(idx)) == 6
+    model.eval()
+    assert model(make_inputs(cfg)).last_hidden_state.shape[1] == 10
+
+
+def test_weight_tying_shares_blocks_and_saves(tmp_path):
+    cfg = small_config(depth=4, weight_tie_layers=True)
+    model = build(cfg)
+    assert len(model.encoder.cross_layers) == 2 and len(model.encoder.self_layers) == 2
+    untied = sum(p.numel() for p in PerceiverModel(small_config(depth=4)).parameters())
+    assert sum(p.numel() for p in model.parameters()) < untied
+    model.save_pretrained(tmp_path)
+    x = make_inputs(cfg)
+    torch.testing.assert_close(AutoModel.from_pretrained(tmp_path).eval()(x).last_hidden_state,
+                               model(x).last_hidden_state, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ attention entry point
+
+
+def test_attention_entry_point_matches_across_backends():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 5, 3, 8, generator=g), torch.randn(2, 7, 3, 8, generator=g), torch.randn(2, 7, 3, 8, generator=g)
+    mask = KeyPaddingMask.from_mask(torch.tensor([[1, 1, 1, 0, 0, 0, 0], [0] * 7]).bool())
+    ref, w = attention(q, k, v, mask, implementation="eager")
+    out, none = attention(q, k, v, mask, implementation="sdpa")
+    assert none is None
+    torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+    assert torch.all(out[1] == 0) and torch.all(w[1] == 0)
+    _, w2 = attention(q, k, v, mask, implementation="sdpa", output_attentions=True)
+    torch.testing.assert_close(w2, w)
+
+
+# ------------------------------------------------------------------ HF integration
+
+
+def test_save_load_identical_and_sharded(tmp_path):
+    cfg = small_config(latent_rotary_emb_dim=8, cross_rotary_emb_dim=4, num_zero_tokens=2)
+    model = build(cfg)
+    x = make_inputs(cfg)
+    expected = model(x).last_hidden_state
+    model.save_pretrained(tmp_path / "one")
+    assert (tmp_path / "one" / "model.safetensors").exists()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    for sub in ("one", "sharded"):
+        loaded = AutoModel.from_pretrained(tmp_path / sub).eval()
+        assert type(loaded) is PerceiverModel
+        # rotary tables are non-persistent buffers: rebuilt by _init_weights after the meta-device build
+        for name, buf in loaded.named_buffers():
+            torch.testing.assert_close(buf, dict(model.named_buffers())[name], atol=0, rtol=0)
+        torch.testing.assert_close(loaded(x).last_hidden_state, expected, atol=0, rtol=0)
+
+
+def test_load_bf16_and_device_map(tmp_path):
+    cfg = small_config()
+    build(cfg).save_pretrained(tmp_path)
+    model = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    out = model(make_inputs(cfg).bfloat16()).last_hidden_state
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "varlen"])
+def test_attn_implementation_selection(tmp_path, impl):
+    cfg = small_config()
+    model = AutoModel.from_config(cfg, attn_implementation=impl)
+    assert model.config._attn_implementation == impl
+    model.save_pretrained(tmp_path)
+    assert PerceiverModel.from_pretrained(tmp_path, attn_implementation=impl).config._attn_implementation == impl
+
+
+def test_unknown_attn_implementation():
+    with pytest.raises(ValueError, match="Unknown attn_implementation 'fast'.*eager"):
+        PerceiverModel._from_config(small_config(), attn_implementation="fast")
+
+
+def test_flash_attention_2_without_flash_attn(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install flash-attn --no-build-isolation"):
+        PerceiverModel._from_config(small_config(), attn_implementation="flash_attention_2")
+    model = PerceiverModel(small_config())
+    with pytest.raises(ImportError, match="pip install flash-attn"):
+        model.set_attn_implementation("flash_attention_2")
+
+
+def _grads(model, x, mask):
+    model.zero_grad()
+    out = model(x, mask).last_hidden_state
+    out.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+def test_gradient_checkpointing_same_gradients(method):
+    cfg = small_config(num_zero_tokens=1, latent_rotary_emb_dim=4)
+    model = build(cfg).train()
+    if not hasattr(model, method):
+        pytest.skip(f"this transformers version has no {method}")
+    x = make_inputs(cfg)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[2, 5:] = False
+    expected = _grads(model, x, mask)
+    getattr(model, method)()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    got = _grads(model, x, mask)
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(small_config(input_dim=[5, 7], input_names=["a", "b"]))
+
+
+@pytest.mark.parametrize(
+    "call, err, match",
+    [
+        (lambda m: m([torch.randn(2, 4, 6), torch.randn(2, 4, 7)]), ValueError, "feature dim 6.*input_dim=5"),
+        (lambda m: m([torch.randn(2, 4, 5)]), ValueError, "Expected 2 inputs"),
+        (lambda m: m({"a": torch.randn(2, 4, 5), "c": torch.randn(2, 4, 7)}), ValueError, r"keys must be exactly \['a', 'b'\]"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(3, 4, 7)]), ValueError, "batch size"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(2, 4, 7)], [torch.ones(2, 5, dtype=torch.bool), None]), ValueError, r"shape \(batch, seq_len\) = \(2, 4\)"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(2, 4, 7)], [torch.full((2, 4), 2), None]), ValueError, "only 0/1"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(2, 4, 7)], [torch.ones(2, 4), None]), TypeError, "bool or 0/1 integers"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(2, 4, 7)], torch.ones(2, 4)), TypeError, "must be a list like"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(2, 4, 7)], latents=torch.randn(3, 8)), ValueError, r"latents.*\(num_latents, 32\)"),
+        (lambda m: m([torch.randn(2, 4, 5), torch.randn(2, 4, 7)], latents=torch.randn(3, 6, 32)), ValueError, "batch size 3"),
+        (lambda m: m("text"), TypeError, "must be a tensor"),
+        (lambda m: m([torch.randn(4, 5), torch.randn(2, 4, 7)]), ValueError, r"shape \(batch, seq_len, 5\)"),
+        (lambda m: m([torch.ones(2, 4, 5, dtype=torch.long), torch.randn(2, 4, 7)]), TypeError, "floating-point"),
+    ],
+)
+def test_bad_input(model, call, err, match):
+    with pytest.raises(err, match=match):
+        call(model)
+
+
+def test_package_registers_auto_classes():
+    assert hf_flash_perceiver.PerceiverModel is PerceiverModel
+    assert AutoConfig.for_model("flash_perceiver").__class__.__module__.startswith("hf_flash_perceiver")
