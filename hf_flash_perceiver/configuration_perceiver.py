@@ -81,8 +81,11 @@ class PerceiverConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated-normal initialiser of linear layers.
         cross_attention_checkpointing (`bool`, *optional*, defaults to `False`):
-            Recompute the cross-attention's input side (LayerNorm, key/value projection, attention) in backward
-            instead of keeping it: memory per input token drops to the input itself.
+            Compute the cross-attention's input side (LayerNorm, key/value projection, attention) chunk by chunk
+            over the keys and recompute it in backward instead of keeping it: training memory per input token drops
+            to the input itself, for some recompute time. For long inputs.
+        cross_attention_chunk_size (`int`, *optional*, defaults to 16384):
+            Keys per chunk with `cross_attention_checkpointing`.
         pooling (`str`, *optional*, defaults to `"average"`):
             Latent pooling of classification heads: `"average"`, `"first"`, `"concat"` or `"query"`.
         num_channels (`int`, *optional*, defaults to 3):
@@ -158,6 +161,7 @@ class PerceiverConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     cross_attention_checkpointing: bool = False
+    cross_attention_chunk_size: int = 16384
     # heads and input adapters
     pooling: str = "average"
     num_channels: int = 3
@@ -231,6 +235,9 @@ class PerceiverConfig(PreTrainedConfig):
                      "self_per_cross_attn", "query_heads", "query_head_dim", "num_channels", "image_size",
                      "patch_size", "vocab_size", "max_position_embeddings"):
             positive(name)
+        positive("cross_attention_chunk_size")
+        if self.cross_attention_checkpointing and self.cross_attn_dropout > 0:
+            raise ValueError("`cross_attention_checkpointing` does not support `cross_attn_dropout` > 0.")
         for name in ("num_latents", "mlp_hidden_size", "num_zero_tokens", "query_dim", "num_queries", "output_dim"):
             positive(name, allow_none=True)
         if self.mlp_ratio <= 0:

@@ -9,6 +9,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import KeyPaddingMask, attention
 from .configuration_perceiver import PerceiverConfig
+from .cross_attention import CrossInput, chunked_cross_attention
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -28,11 +29,17 @@ class PerceiverRotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
         return 1.0 / (self.base**exponent)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    def forward(self, seq_len: int, device: torch.device, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """`(cos, sin)` of shape `(seq_len, dim)` for positions `offset .. offset + seq_len - 1`."""
+        positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq.to(device))
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+    def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate `x (batch, seq, heads, head_dim)` whose first token sits at position `offset`."""
+        cos, sin = self(x.shape[1], x.device, offset)
+        return apply_rotary(x, cos, sin)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -105,26 +112,38 @@ class PerceiverAttention(nn.Module):
     def forward(
         self,
         hidden_states: Tensor,
-        context: Tensor | None = None,
-        key_padding_mask: KeyPaddingMask | None = None,
+        context: CrossInput | None = None,
+        context_norm: nn.LayerNorm | None = None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         if self.is_cross_attention:
             (query,) = self._heads(self.q_proj(hidden_states), 1)
-            key, value = self._heads(self.kv_proj(context), 2)
+            if self.rotary is not None:
+                query = self.rotary.rotate(query)
+            if self.config.cross_attention_checkpointing and not output_attentions:
+                # Long inputs: keys/values chunk by chunk, recomputed in backward (see cross_attention.py).
+                out = chunked_cross_attention(
+                    query, context, context_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
+                    scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
+                )
+                return self.o_proj(out.flatten(-2)), None
+            tokens = context.materialize()
+            key, value = self._heads(self.kv_proj(context_norm(tokens) if context_norm is not None else tokens), 2)
+            if self.rotary is not None:
+                # Keys carry their own positions (token index), queries theirs (latent index).
+                key = self.rotary.rotate(key)
+            mask = context.mask
         else:
             query, key, value = self._heads(self.qkv_proj(hidden_states), 3)
-        if self.rotary is not None:
-            # Queries and keys each carry their own positions (latent index, token index).
-            q_cos, q_sin = self.rotary(query.shape[1], query.device)
-            query = apply_rotary(query, q_cos, q_sin)
-            k_cos, k_sin = (q_cos, q_sin) if key.shape[1] == query.shape[1] else self.rotary(key.shape[1], key.device)
-            key = apply_rotary(key, k_cos, k_sin)
+            if self.rotary is not None:
+                cos, sin = self.rotary(query.shape[1], query.device)
+                query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+            mask = None
         out, weights = attention(
             query,
             key,
             value,
-            key_padding_mask,
+            mask,
             implementation=self.config._attn_implementation or "sdpa",
             dropout=self.dropout if self.training else 0.0,
             output_attentions=output_attentions,
@@ -161,13 +180,15 @@ class PerceiverBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: Tensor,
-        context: Tensor | None = None,
+        context: CrossInput | Tensor | None = None,
         key_padding_mask: KeyPaddingMask | None = None,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if context is not None and self.context_norm is not None:
-            context = self.context_norm(context)
-        attn_out, weights = self.attn(self.norm1(hidden_states), context, key_padding_mask, output_attentions)
+        """`context`: the cross-attention input (a [`CrossInput`], or a tensor with an optional `key_padding_mask`);
+        None for self-attention. Returns `(hidden_states, attention weights or None)`."""
+        if isinstance(context, Tensor):
+            context = CrossInput(context, key_padding_mask)
+        attn_out, weights = self.attn(self.norm1(hidden_states), context, self.context_norm, output_attentions)
         hidden_states = hidden_states + attn_out
         mlp_out = self.mlp(self.norm2(hidden_states))
         return (hidden_states + mlp_out if self.mlp_residual else mlp_out), weights

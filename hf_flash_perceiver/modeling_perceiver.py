@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from .attention import KeyPaddingMask, check_attn_implementation
 from .configuration_perceiver import PerceiverConfig
+from .cross_attention import CrossInput
 from .layers import (
     PerceiverBlock,
     PerceiverRotaryEmbedding,
@@ -191,32 +192,32 @@ class PerceiverEncoder(nn.Module):
             return list(inputs), masks
         raise TypeError(f"`inputs` must be a tensor, a list of tensors or a dict of tensors, got {_type_name(inputs)}.")
 
-    def prepare_inputs(self, inputs: InputsType, attention_mask: MaskType) -> list[tuple[Tensor, KeyPaddingMask | None]]:
-        """Validate inputs and masks and build each block's `(context, KeyPaddingMask)` once per forward.
+    def prepare_inputs(self, inputs: InputsType, attention_mask: MaskType) -> list[CrossInput]:
+        """Validate inputs and masks and build each block's [`CrossInput`] once per forward.
 
         A tensor passed once for every block is prepared once and shared (same mask object, so the varlen packing is
-        computed once). Zero tokens are prepended per block (they are per-block parameters).
+        computed once). Zero tokens are per-block parameters: each block gets its own prefix, while the mask over
+        prefix + tokens is shared by the blocks that read the same input.
         """
         tensors, masks = self.normalize_inputs(inputs, attention_mask)
-        batch = None
-        prepared: list[tuple[Tensor, KeyPaddingMask | None]] = []
-        cache: dict[tuple[int, int], tuple[Tensor, KeyPaddingMask | None]] = {}
+        prepared: list[CrossInput] = []
+        cache: dict[tuple[int, int], CrossInput] = {}
         for i, (x, mask) in enumerate(zip(tensors, masks)):
             key = (id(x), id(mask))
             if key not in cache:
                 cache[key] = self._prepare_one(i, x, mask)
-            x_i, mask_i = cache[key]
-            if batch is None:
-                batch = x_i.shape[0]
-            elif x_i.shape[0] != batch:
-                raise ValueError(f"All inputs must share one batch size; input 0 has {batch}, input {i} has {x_i.shape[0]}.")
-            prepared.append((x_i, mask_i))
+            prepared.append(cache[key])
+            if prepared[i].tokens.shape[0] != prepared[0].tokens.shape[0]:
+                raise ValueError(
+                    f"All inputs must share one batch size; input 0 has {prepared[0].tokens.shape[0]}, "
+                    f"input {i} has {prepared[i].tokens.shape[0]}."
+                )
         if self.zero_tokens is not None:
             extended: dict[int, KeyPaddingMask] = {}
-            prepared = [self._add_zero_tokens(i, x, m, extended) for i, (x, m) in enumerate(prepared)]
+            prepared = [self._add_zero_tokens(i, c, extended) for i, c in enumerate(prepared)]
         return prepared
 
-    def _prepare_one(self, i: int, x: Tensor, mask: Tensor | None) -> tuple[Tensor, KeyPaddingMask | None]:
+    def _prepare_one(self, i: int, x: Tensor, mask: Tensor | None) -> CrossInput:
         if not isinstance(x, Tensor):
             raise TypeError(f"Input {i} must be a torch.Tensor, got {_type_name(x)}.")
         if x.dim() != 3:
@@ -228,7 +229,7 @@ class PerceiverEncoder(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Input {i} must be a floating-point tensor, got dtype {x.dtype}.")
         if mask is None:
-            return x, None
+            return CrossInput(x)
         if not isinstance(mask, Tensor):
             raise TypeError(f"Mask {i} must be a torch.Tensor or None, got {_type_name(mask)}.")
         if tuple(mask.shape) != tuple(x.shape[:2]):
@@ -244,40 +245,38 @@ class PerceiverEncoder(nn.Module):
         # Eager mode only (a data-dependent branch would break a compiled graph): an all-True mask is no mask, and
         # dropping it keeps the unmasked fast path.
         if not torch.compiler.is_compiling() and bool(mask.all()):
-            return x, None
+            return CrossInput(x)
         # Padding content must not matter, whatever the kernel does with masked keys: zero it (NaN/Inf in padding
         # would otherwise leak through 0 * NaN in some kernels). NaN/Inf in attended tokens is *not* hidden.
         x = x.masked_fill(~mask[..., None], 0.0)
-        return x, KeyPaddingMask.from_mask(mask)
+        return CrossInput(x, KeyPaddingMask.from_mask(mask))
 
-    def _add_zero_tokens(
-        self, i: int, x: Tensor, mask: KeyPaddingMask | None, extended: dict[int, KeyPaddingMask]
-    ) -> tuple[Tensor, KeyPaddingMask | None]:
-        zeros = self.zero_tokens[i].to(x.dtype).expand(x.shape[0], -1, -1)
-        x = torch.cat([zeros, x], dim=1)
+    def _add_zero_tokens(self, i: int, context: CrossInput, extended: dict[int, KeyPaddingMask]) -> CrossInput:
+        x, mask = context.tokens, context.mask
+        prefix = self.zero_tokens[i].to(x.dtype).expand(x.shape[0], -1, -1)
         if mask is not None:
             # Zero tokens are always attendable; blocks sharing one input share the extended mask too.
             if id(mask) not in extended:
-                ones = mask.mask.new_ones(x.shape[0], zeros.shape[1])
+                ones = mask.mask.new_ones(x.shape[0], prefix.shape[1])
                 extended[id(mask)] = KeyPaddingMask.from_mask(torch.cat([ones, mask.mask & mask.has_keys[:, None]], 1))
             mask = extended[id(mask)]
-        return x, mask
+        return CrossInput(x, mask, prefix)
 
     # ------------------------------------------------------------------ forward
     def forward(
         self,
         latents: Tensor,
-        contexts: list[tuple[Tensor, KeyPaddingMask | None]],
+        contexts: list[CrossInput],
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> PerceiverModelOutput:
         hidden_states = (latents,) if output_hidden_states else None
         attentions = () if output_attentions else None
         x = latents
-        for i, (context, mask) in enumerate(contexts):
+        for i, context in enumerate(contexts):
             b = self.block_index(i)
             for layer, ctx in [(self.cross_layers[b], context)] + [(s, None) for s in self.self_layers[b]]:
-                x, weights = layer(x, ctx, mask if ctx is not None else None, output_attentions)
+                x, weights = layer(x, ctx, None, output_attentions)
                 if output_hidden_states:
                     hidden_states += (x,)
                 if output_attentions:
@@ -363,7 +362,7 @@ class PerceiverModel(PerceiverPreTrainedModel):
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         contexts = self.encoder.prepare_inputs(inputs, attention_mask)
-        latents = self.prepare_latents(latents, contexts[0][0].shape[0])
+        latents = self.prepare_latents(latents, contexts[0].tokens.shape[0])
         outputs = self.encoder(latents, contexts, output_attentions, output_hidden_states)
         return outputs if return_dict else outputs.to_tuple()
 

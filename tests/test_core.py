@@ -248,7 +248,7 @@ def test_all_true_mask_is_dropped():
     model = build(cfg)
     x = make_inputs(cfg)
     contexts = model.encoder.prepare_inputs(x, torch.ones(3, 9, dtype=torch.long))
-    assert all(mask is None for _, mask in contexts)
+    assert all(c.mask is None for c in contexts)
     torch.testing.assert_close(model(x, torch.ones(3, 9, dtype=torch.bool)).last_hidden_state,
                                model(x).last_hidden_state)
 

@@ -1,0 +1,223 @@
+"""Memory-lean cross-attention for long inputs (`config.cross_attention_checkpointing`).
+
+A cross-attention over `n` input tokens normally keeps, per layer, the normalised input, its key/value projection
+and (under autocast) a half-precision copy of the input for backward: several times the input itself, for every
+cross-attention block. Here the input side — LayerNorm, key/value projection, rotary and attention — runs chunk by
+chunk over the keys; chunk results are merged exactly through their log-sum-exp (as flash-decoding merges splits),
+and backward recomputes each chunk's keys/values and feeds the *merged* output and log-sum-exp to the kernel's
+backward, which is exactly the gradient of the full attention restricted to that chunk. Nothing of size O(n) is
+kept except the input, which the caller holds anyway.
+
+The per-chunk kernel is cuDNN attention on CUDA in half precision (it takes the key-padding bias and returns the
+log-sum-exp) and an fp32 matmul/softmax elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import HALF_DTYPES, KeyPaddingMask
+
+
+@dataclass
+class CrossInput:
+    """One cross-attention block's input: the tokens, the learned zero tokens prepended to them, and the mask over
+    the concatenation. Built once per input and forward; the concatenation is only materialised by the regular
+    (non-chunked) path."""
+
+    tokens: Tensor
+    mask: KeyPaddingMask | None = None
+    prefix: Tensor | None = None
+
+    def segments(self) -> list[Tensor]:
+        return [self.tokens] if self.prefix is None else [self.prefix, self.tokens]
+
+    def materialize(self) -> Tensor:
+        return self.tokens if self.prefix is None else torch.cat([self.prefix, self.tokens], dim=1)
+
+
+# ---------------------------------------------------------------- per-chunk kernels: (out, lse) and its backward
+# Layout here is (batch, heads, seq, head_dim); `bias` is an additive key bias (batch, 1, 1, kv_len) or None.
+
+
+def _math_forward(q, k, v, bias, scale):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())
+    return out.to(q.dtype), lse, None
+
+
+def _math_backward(dout, q, k, v, out, lse, bias, scale, aux):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    probs = torch.exp(scores - lse[..., None])
+    dout = dout.float()
+    dv = torch.matmul(probs.transpose(-1, -2), dout)
+    dp = torch.matmul(dout, v.float().transpose(-1, -2))
+    delta = (dout * out.float()).sum(-1, keepdim=True)
+    ds = probs * (dp - delta) * scale
+    return torch.matmul(ds, k.float()).to(q.dtype), torch.matmul(ds.transpose(-1, -2), q.float()).to(k.dtype), dv.to(v.dtype)
+
+
+def _cudnn_forward(q, k, v, bias, scale):
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)
+    out, lse = res[0], res[1]
+    # aux: what the backward needs besides tensors we already hold (sequence metadata and RNG state).
+    aux = (lse.shape, res[2], res[3], res[4], res[5], res[6], res[7])
+    return out, lse.reshape(q.shape[:3]).float(), aux
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, bias, scale, aux):
+    lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+    if bias is None:
+        bias = torch.empty(0, device=q.device, dtype=q.dtype)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.contiguous(), q, k, v, out, lse.reshape(lse_shape).contiguous(), seed, offset, bias,
+        cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale,
+    )
+
+
+def _kernels(q: Tensor):
+    if q.is_cuda and q.dtype in HALF_DTYPES and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128:
+        return _cudnn_forward, _cudnn_backward
+    return _math_forward, _math_backward
+
+
+# ---------------------------------------------------------------- projections of one chunk
+
+
+@dataclass
+class _Spec:
+    heads: int
+    head_dim: int
+    scale: float
+    chunk_size: int
+    eps: float
+    rotary: nn.Module | None
+
+
+def _project(x, ln_w, ln_b, kv_w, kv_b, spec: _Spec, start: int, dtype):
+    """keys, values (batch, heads, len, head_dim) of one chunk of raw input: LayerNorm (fp32) -> Linear -> rotary."""
+    if ln_w is not None:
+        x = F.layer_norm(x.float(), (x.shape[-1],), ln_w.float(), ln_b.float(), spec.eps)
+    kv = F.linear(x.to(dtype), kv_w.to(dtype), None if kv_b is None else kv_b.to(dtype))
+    k, v = kv.unflatten(-1, (2, spec.heads, spec.head_dim)).unbind(dim=-3)
+    if spec.rotary is not None:
+        k = spec.rotary.rotate(k, offset=start)
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+
+def _chunks(segments: list[Tensor], size: int):
+    """(segment index, start in segment, end in segment, global start) covering the concatenated segments."""
+    offset = 0
+    for i, seg in enumerate(segments):
+        n = seg.shape[1]
+        for s in range(0, n, size):
+            yield i, s, min(s + size, n), offset + s
+        offset += n
+
+
+def _bias(mask: KeyPaddingMask | None, start: int, end: int, dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    # A large *finite* negative bias, not -inf: a chunk in which a sample has no valid key then merges with weight
+    # exp(-huge) = 0 instead of producing NaN (every sample has a valid key somewhere: KeyPaddingMask guarantees it).
+    keep = mask.mask[:, start:end]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+        ~keep, torch.finfo(dtype).min / 2
+    )[:, None, None, :]
+
+
+class _ChunkedCrossAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, ln_w, ln_b, kv_w, kv_b, spec: _Spec, mask, *segments):
+        fwd, _ = _kernels(q)
+        dtype = q.dtype
+        qt = q.transpose(1, 2).contiguous()
+        out = lse = None
+        auxes = []
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            for i, s, e, g in _chunks(list(segments), spec.chunk_size):
+                k, v = _project(segments[i][:, s:e], ln_w, ln_b, kv_w, kv_b, spec, g, dtype)
+                o_c, lse_c, aux = fwd(qt, k, v, _bias(mask, g, g + e - s, dtype), spec.scale)
+                auxes.append(aux)
+                if out is None:
+                    out, lse = o_c.float(), lse_c
+                else:
+                    new = torch.logaddexp(lse, lse_c)
+                    out = out * torch.exp(lse - new)[..., None] + o_c.float() * torch.exp(lse_c - new)[..., None]
+                    lse = new
+            out = out.to(dtype)
+        ctx.spec, ctx.mask, ctx.auxes, ctx.num_segments = spec, mask, auxes, len(segments)
+        ctx.save_for_backward(qt, out, lse, ln_w, ln_b, kv_w, kv_b, *segments)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qt, out, lse, ln_w, ln_b, kv_w, kv_b, *segments = ctx.saved_tensors
+        spec, mask = ctx.spec, ctx.mask
+        _, bwd = _kernels(qt)
+        dtype = qt.dtype
+        dout_t = dout.transpose(1, 2).to(dtype).contiguous()
+        dq = torch.zeros_like(qt, dtype=torch.float32)
+        params = [ln_w, ln_b, kv_w, kv_b]
+        param_grads = [None if p is None else torch.zeros_like(p, dtype=torch.float32) for p in params]
+        seg_needs = ctx.needs_input_grad[7:]
+        seg_grads = [torch.zeros_like(seg) if need else None for seg, need in zip(segments, seg_needs)]
+        for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size), ctx.auxes):
+            with torch.enable_grad(), torch.autocast(qt.device.type, enabled=False):
+                x = segments[i][:, s:e].detach().requires_grad_(seg_needs[i])
+                leaves = [None if p is None else p.detach().requires_grad_(True) for p in params]
+                k, v = _project(x, *leaves, spec, g, dtype)
+            dq_c, dk, dv = bwd(dout_t, qt, k.detach(), v.detach(), out, lse, _bias(mask, g, g + e - s, dtype),
+                               spec.scale, aux)
+            dq += dq_c.float()
+            inputs = [t for t in [x, *leaves] if t is not None and t.requires_grad]
+            grads = torch.autograd.grad((k, v), inputs, (dk, dv), allow_unused=True)
+            grads = iter(grads)
+            if x.requires_grad:
+                seg_grads[i][:, s:e] = next(grads)
+            for j, leaf in enumerate(leaves):
+                if leaf is not None:
+                    grad = next(grads)
+                    if grad is not None:
+                        param_grads[j] += grad.float()
+        param_grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(param_grads, params)]
+        return (dq.to(dtype).transpose(1, 2), *param_grads, None, None, *seg_grads)
+
+
+def chunked_cross_attention(
+    query: Tensor,
+    context: CrossInput,
+    norm: nn.LayerNorm | None,
+    kv_proj: nn.Linear,
+    *,
+    heads: int,
+    head_dim: int,
+    scale: float,
+    chunk_size: int,
+    rotary: nn.Module | None = None,
+) -> Tensor:
+    """Cross-attention of `query (batch, q_len, heads, head_dim)` over `context`, whose keys/values are
+    `kv_proj(norm(context))` (+ rotary), computed chunk by chunk and recomputed in backward.
+
+    Returns the attention output `(batch, q_len, heads, head_dim)` (zero for samples without valid keys)."""
+    spec = _Spec(heads, head_dim, scale, chunk_size, norm.eps if norm is not None else 0.0, rotary)
+    out = _ChunkedCrossAttention.apply(
+        query,
+        None if norm is None else norm.weight,
+        None if norm is None else norm.bias,
+        kv_proj.weight,
+        kv_proj.bias,
+        spec,
+        context.mask,
+        *context.segments(),
+    )
+    return out if context.mask is None else context.mask.zero_empty_rows(out)
