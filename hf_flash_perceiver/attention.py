@@ -34,10 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+# Read once: torch.compile cannot trace `torch.backends.cudnn.is_available()` (it returns a Python bool).
+CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 
 
 @dataclass
@@ -101,7 +99,7 @@ def _uses_cudnn_for_mask(query: Tensor, key: Tensor) -> bool:
         and query.dtype in HALF_DTYPES
         and head_dim % 8 == 0
         and head_dim <= 128
-        and torch.backends.cudnn.is_available()
+        and CUDNN_AVAILABLE
     )
 
 

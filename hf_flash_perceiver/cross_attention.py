@@ -8,8 +8,8 @@ and backward recomputes each chunk's keys/values and feeds the *merged* output a
 backward, which is exactly the gradient of the full attention restricted to that chunk. Nothing of size O(n) is
 kept except the input, which the caller holds anyway.
 
-The per-chunk kernel is cuDNN attention on CUDA in half precision (it takes the key-padding bias and returns the
-log-sum-exp) and an fp32 matmul/softmax elsewhere.
+The per-chunk kernel on CUDA in half precision is PyTorch's FlashAttention-2 (unmasked) or cuDNN attention (with
+the key-padding bias), both returning the log-sum-exp; an fp32 matmul/softmax elsewhere.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class CrossInput:
     tokens: Tensor
     mask: KeyPaddingMask | None = None
     prefix: Tensor | None = None
+    normalized: bool = False  # tokens/prefix already LayerNorm'd without affine (the block folds its affine in)
 
     def segments(self) -> list[Tensor]:
         return [self.tokens] if self.prefix is None else [self.prefix, self.tokens]
@@ -66,27 +67,33 @@ def _math_backward(dout, q, k, v, out, lse, bias, scale, aux):
     return torch.matmul(ds, k.float()).to(q.dtype), torch.matmul(ds.transpose(-1, -2), q.float()).to(k.dtype), dv.to(v.dtype)
 
 
-def _cudnn_forward(q, k, v, bias, scale):
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)
-    out, lse = res[0], res[1]
-    # aux: what the backward needs besides tensors we already hold (sequence metadata and RNG state).
-    aux = (lse.shape, res[2], res[3], res[4], res[5], res[6], res[7])
-    return out, lse.reshape(q.shape[:3]).float(), aux
-
-
-def _cudnn_backward(dout, q, k, v, out, lse, bias, scale, aux):
-    lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+def _fused_forward(q, k, v, bias, scale):
+    # Masked chunks: cuDNN (it takes the key bias); unmasked: FlashAttention-2. Both return the log-sum-exp.
     if bias is None:
-        bias = torch.empty(0, device=q.device, dtype=q.dtype)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        out, lse, meta = res[0], res[1], (res[2], res[3], res[4], res[5], res[6], res[7])
+    else:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)
+        out, lse, meta = res[0], res[1], (res[2], res[3], res[4], res[5], res[6], res[7])
+    # aux: what the backward needs besides tensors we already hold (sequence metadata and RNG state).
+    return out, lse.reshape(q.shape[:3]).float(), (lse.shape, *meta)
+
+
+def _fused_backward(dout, q, k, v, out, lse, bias, scale, aux):
+    lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+    lse = lse.reshape(lse_shape).contiguous()
+    if bias is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale
+        )
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout.contiguous(), q, k, v, out, lse.reshape(lse_shape).contiguous(), seed, offset, bias,
-        cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale,
+        dout, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale
     )
 
 
 def _kernels(q: Tensor):
     if q.is_cuda and q.dtype in HALF_DTYPES and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128:
-        return _cudnn_forward, _cudnn_backward
+        return _fused_forward, _fused_backward
     return _math_forward, _math_backward
 
 

@@ -106,6 +106,19 @@ class PerceiverAttention(nn.Module):
         self.o_proj = nn.Linear(inner, dim)
         self.rotary = PerceiverRotaryEmbedding(rotary_dim, config.rotary_base) if rotary_dim else None
 
+    def _project_context(self, context: CrossInput, norm: nn.LayerNorm | None) -> Tensor:
+        tokens = context.materialize()
+        if not context.normalized:
+            return self.kv_proj(norm(tokens) if norm is not None else tokens)
+        # The encoder normalised the input once for every block that reads it (LayerNorm without affine); this
+        # block's LayerNorm affine is folded into its projection: (x*g + b) W^T + c = x (W*g)^T + (W b + c).
+        # Exact, and it saves a full-input LayerNorm, its backward and a half-precision copy per block.
+        weight = self.kv_proj.weight * norm.weight[None, :]
+        bias = torch.mv(self.kv_proj.weight, norm.bias)
+        if self.kv_proj.bias is not None:
+            bias = bias + self.kv_proj.bias
+        return F.linear(tokens, weight, bias)
+
     def _heads(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
         return x.unflatten(-1, (parts, self.num_heads, self.head_dim)).unbind(dim=-3)
 
@@ -127,8 +140,7 @@ class PerceiverAttention(nn.Module):
                     scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
                 )
                 return self.o_proj(out.flatten(-2)), None
-            tokens = context.materialize()
-            key, value = self._heads(self.kv_proj(context_norm(tokens) if context_norm is not None else tokens), 2)
+            key, value = self._heads(self._project_context(context, context_norm), 2)
             if self.rotary is not None:
                 # Keys carry their own positions (token index), queries theirs (latent index).
                 key = self.rotary.rotate(key)
