@@ -15,6 +15,8 @@ Backends:
 - `"flash_attention_2"`: the optional `flash-attn` package (`flash_attn_func`, and `flash_attn_varlen_func` on packed
   keys with dense queries when masked). transformers' own flash helper is not used: it unpads the *queries* with the
   key mask, which is wrong for cross-attention where latents != input length.
+- `"flash_attention_4"`: the optional `flash-attn-4` package (FlashAttention-4 CuTe-DSL kernels, `flash_attn.cute`),
+  dense, or varlen on packed keys when masked.
 - `"eager"`: matmul + softmax in fp32; the reference, and the only backend that materialises attention weights.
   Asking for weights routes *that call* through it, whatever backend the model uses.
 """
@@ -33,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
+FLASH_ATTN_4_INSTALL = "pip install flash-attn-4"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Read once: torch.compile cannot trace `torch.backends.cudnn.is_available()` (it returns a Python bool).
 CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
@@ -182,12 +185,51 @@ def flash_attention_2(
     return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
 
 
+def flash_attn_4_available() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # `flash_attn` absent, or a flash-attn 2 install without the `cute` module
+        return False
+
+
+def require_flash_attn_4() -> None:
+    if not flash_attn_4_available():
+        raise ImportError(
+            "attn_implementation='flash_attention_4' needs the optional `flash-attn-4` package (FlashAttention-4 "
+            f"CuTe-DSL kernels, `flash_attn.cute`), which is not installed. Install it with `{FLASH_ATTN_4_INSTALL}`, "
+            "or use attn_implementation='sdpa'."
+        )
+
+
+def flash_attention_4(
+    query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
+) -> tuple[Tensor, None]:
+    require_flash_attn_4()
+    if dropout > 0:
+        raise ValueError("attn_implementation='flash_attention_4' has no attention dropout; set it to 0 or use 'sdpa'.")
+    # Imported here: the package is optional and only this backend needs it.
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    if mask is None:
+        out = flash_attn_func(query, key, value, softmax_scale=scale)
+        return (out[0] if isinstance(out, tuple) else out), None
+    batch, q_len, heads, head_dim = query.shape
+    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
+    out = flash_attn_varlen_func(
+        query.reshape(batch * q_len, heads, head_dim), k, v, cu_seqlens_q=_dense_query_seqlens(query),
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=q_len, max_seqlen_k=max_k, softmax_scale=scale,
+    )
+    out = out[0] if isinstance(out, tuple) else out
+    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+
+
 AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
 
 ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
     "sdpa": sdpa_attention,
     "varlen": varlen_attention,
     "flash_attention_2": flash_attention_2,
+    "flash_attention_4": flash_attention_4,
     "eager": eager_attention,
 }
 
@@ -201,6 +243,8 @@ def check_attn_implementation(name: str | None) -> str:
         )
     if name == "flash_attention_2":
         require_flash_attn()
+    if name == "flash_attention_4":
+        require_flash_attn_4()
     return name
 
 

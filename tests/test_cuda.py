@@ -174,3 +174,19 @@ def test_chunked_cross_attention_cuda(masked):
     assert any("cudnn_attention" in o for o in ops)
     assert rel_err(out_c, out_r) <= BF16_REL_TOL
     assert rel_err(g_c, g_r) <= 5e-2
+
+
+@pytest.mark.parametrize("impl, available", [("flash_attention_2", "flash_attn_available"),
+                                             ("flash_attention_4", "flash_attn_4_available")])
+def test_optional_flash_backends_match_reference(impl, available):
+    from hf_flash_perceiver import attention as attn
+
+    if not getattr(attn, available)():
+        pytest.skip(f"{impl}: optional package not installed on this machine")
+    cfg = small_config(latent_dim=128, cross_head_dim=64, latent_head_dim=64, num_zero_tokens=1)
+    model = cuda_model(cfg, impl).bfloat16()
+    x = torch.randn(4, 300, cfg.input_dim, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(4, 300, device="cuda") < 0.7
+    out = model(x, mask).last_hidden_state
+    ref, _, _ = reference_forward(model.float().cpu(), x.float().cpu(), mask.cpu())
+    assert rel_err(out.cpu(), ref) <= BF16_REL_TOL
