@@ -404,6 +404,14 @@ def test_flash_attention_2_without_flash_attn(monkeypatch):
         model.set_attn_implementation("flash_attention_2")
 
 
+def test_flash_attention_4_without_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("flash_attn") else real(name, *a))
+    with pytest.raises(ImportError, match="pip install flash-attn-4"):
+        PerceiverModel._from_config(small_config(), attn_implementation="flash_attention_4")
+
+
 def _grads(model, x, mask):
     model.zero_grad()
     out = model(x, mask).last_hidden_state
