@@ -1,0 +1,239 @@
+"""The benchmark harness (`benchmarks/run.py`, `plot.py`) end to end on a CPU in `--smoke` mode: the results schema,
+FLOP counting, OOM / error / time-budget records, the profiler helper, the plots and the README table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# Everything except the compiled variant (tests/test_compile.py covers compilation; a CPU compile costs ~20 s) and
+# the optional flash-attn kernels (CUDA only).
+SMOKE_IMPLS = "hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,hf-flash-perceiver+varlen,perceiver-pytorch,transformers-perceiver"
+HAS_PERCEIVER_PYTORCH = importlib.util.find_spec("perceiver_pytorch") is not None
+
+
+def _load(name: str):
+    # Unique module names: `run`/`plot` are common file names elsewhere.
+    spec = importlib.util.spec_from_file_location(f"hf_flash_perceiver_benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")
+plot = _load("plot")
+report = sys.modules["bench_report"]
+
+
+def smoke(out_dir: Path, *extra: str) -> dict:
+    return run.main(["--smoke", "--device", "cpu", "--out-dir", str(out_dir), "--iters", "2", "--warmup", "1",
+                     *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    results = smoke(out_dir, "--impls", SMOKE_IMPLS, "--profile", "seed:64")
+    return out_dir, results
+
+
+def _measured(records, **match):
+    return [r for r in records if report.measured(r) and all(r.get(k) == v for k, v in match.items())]
+
+
+def test_smoke_writes_the_documented_schema(smoke_run):
+    out_dir, results = smoke_run
+    path = out_dir / f"{datetime.date.today().isoformat()}-cpu-smoke.json"
+    assert path.exists()
+    on_disk = json.loads(path.read_text())
+    assert on_disk["records"] == results["records"]
+    for key in ("card", "date", "torch", "transformers", "matmul_tflops", "notes", "records"):
+        assert key in on_disk, key
+    assert on_disk["card"] == "cpu" and on_disk["matmul_tflops"] > 0 and on_disk["complete"] is True
+    assert on_disk["notes"] and all(isinstance(n, str) for n in on_disk["notes"])
+
+    records = on_disk["records"]
+    assert {r["config"] for r in records} == {"seed", "io", "masked", "large"}
+    for r in records:
+        for key in report.REQUIRED_RECORD_KEYS:
+            assert key in r, (key, r)
+        assert r["oom"] is False
+        if r.get("skipped"):
+            continue
+        assert r["ms"] > 0 and r["flops"] > 0 and r["tflops_per_s"] > 0 and r["mfu"] > 0, r
+        assert r["peak_gib"] is None  # CPU: no allocator statistics
+        assert r["model"]["params"] > 0
+        assert r["tflops_per_s"] == pytest.approx(r["flops"] / (r["ms"] / 1e3) / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops_per_s"] / on_disk["matmul_tflops"])
+
+    # Every applicable impl ran at every smoke point (peers only where they apply).
+    assert {r["impl"] for r in _measured(records, config="seed")} >= {"hf-flash-perceiver",
+                                                                     "hf-flash-perceiver+xattn-ckpt"}
+    assert {r["impl"] for r in _measured(records, config="io")} == {"hf-flash-perceiver", "transformers-perceiver"}
+    assert {r["impl"] for r in _measured(records, config="large")} == {"hf-flash-perceiver"}
+    for impl in ("hf-flash-perceiver", "hf-flash-perceiver+varlen"):
+        pair = _measured(records, config="masked", impl=impl)
+        assert sorted(r["masked"] for r in pair) == [False, True]
+        masked = next(r for r in pair if r["masked"])
+        assert 0.25 <= masked["valid_fraction"] < 1.0
+
+    pp = [r for r in records if r["impl"] == "perceiver-pytorch"]
+    assert {r["config"] for r in pp} == {"seed", "masked"}
+    if HAS_PERCEIVER_PYTORCH:
+        assert all(report.measured(r) for r in pp)
+    else:  # a missing peer is a skipped record that says how to install it, never a crash
+        assert all("pip install perceiver-pytorch" in r["skipped"] for r in pp)
+
+    tf = _measured(records, impl="transformers-perceiver")[0]
+    assert tf["model"]["transformers_channels"]["self_v_head_dim"] > 0
+
+
+def test_flops_include_the_cross_attention(smoke_run):
+    """The counted FLOPs grow with n by at least the cross-attention's attention matmuls plus the forward key/value
+    projection: a count that missed the fused attention kernel would fall short of this."""
+    _, results = smoke_run
+    shape = run.SMOKE_CONFIGS["seed"].shape
+    by_n = {r["n"]: r for r in _measured(results["records"], config="seed", impl="hf-flash-perceiver")}
+    (n0, r0), (n1, r1) = sorted(by_n.items())
+    assert r0["batch"] == r1["batch"]
+    per_token_per_layer = (r1["flops"] - r0["flops"]) / (r0["batch"] * shape.depth * (n1 - n0))
+    inner = shape.cross_heads * shape.cross_head_dim
+    attention = 3 * 2 * 2 * shape.num_latents * inner  # QK^T and PV, forward + backward (x3)
+    kv_forward = 2 * shape.input_dim * 2 * inner
+    assert per_token_per_layer >= attention + kv_forward
+    # Every variant of ours is the same model: one shared count.
+    for r in _measured(results["records"], config="seed", impl="hf-flash-perceiver+xattn-ckpt"):
+        assert r["flops"] == by_n[r["n"]]["flops"]
+
+
+def test_profile_writes_a_kernel_table(smoke_run):
+    out_dir, results = smoke_run
+    assert len(results["profiles"]) == 1
+    text = (out_dir / results["profiles"][0]).read_text()
+    assert text.startswith("# hf-flash-perceiver, config seed")
+    assert "aten::" in text and "Self CPU" in text
+
+
+class _Exploding(nn.Module):
+    def __init__(self, exc: Exception):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.exc = exc
+
+    def forward(self, inputs, mask=None):
+        raise self.exc
+
+
+def test_oom_and_errors_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    for impl, exc in (("hf-flash-perceiver+xattn-ckpt", oom), ("transformers-perceiver", ValueError("bad shape"))):
+        monkeypatch.setitem(run.IMPLS, impl, dataclasses.replace(run.IMPLS[impl], build=lambda s, a, e=exc: _Exploding(e)))
+    results = smoke(tmp_path, "--configs", "seed,io", "--ns", "64",
+                    "--impls", "hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,transformers-perceiver")
+    by_impl = {(r["impl"], r["config"]): r for r in results["records"]}
+    ckpt = by_impl["hf-flash-perceiver+xattn-ckpt", "seed"]
+    assert ckpt["oom"] is True and ckpt["ms"] is None and "error" not in ckpt
+    assert "out of memory" in ckpt["oom_message"]
+    tf = by_impl["transformers-perceiver", "io"]
+    assert tf["oom"] is False and tf["ms"] is None and tf["error"] == "ValueError: bad shape"
+    # The records after each failure were still measured.
+    assert report.measured(by_impl["hf-flash-perceiver", "io"])
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["records"] == results["records"]
+
+
+def test_a_spent_time_budget_skips_records_but_writes_the_file(tmp_path):
+    results = smoke(tmp_path, "--configs", "seed", "--impls", "hf-flash-perceiver", "--time-budget-s", "0")
+    assert results["records"] and all(r["skipped"].startswith("time budget") for r in results["records"])
+    assert results["complete"] is False
+    assert all(r["ms"] is None and r["oom"] is False for r in results["records"])
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["complete"] is False
+
+
+def test_cli_rejects_unknown_names():
+    for argv in (["--impls", "hf-flash-perceiver,nope"], ["--configs", "huge"], ["--profile", "seed"],
+                 ["--compile-points", "seed4096"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(argv)
+
+
+def test_compile_points_must_be_record_points(tmp_path):
+    with pytest.raises(SystemExit, match="not one of"):
+        smoke(tmp_path, "--configs", "seed", "--impls", "hf-flash-perceiver+compile", "--compile-points", "seed:65")
+
+
+def _markdown_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| impl", "| ---"))]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_plot_renders_pngs_and_the_readme_table(smoke_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_dir, results = smoke_run
+    path = next(out_dir.glob("*-smoke.json"))
+    assert plot.main([str(path), "--markdown", "--out-dir", str(tmp_path)]) == 0
+    for suffix in ("speedup", "memory"):
+        png = tmp_path / f"{path.stem}-{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    out = capsys.readouterr().out
+    assert "| impl | config | n | batch | ms | peak GiB | TFLOP/s | MFU | speedup vs peer |" in out
+    rows = _markdown_rows(out)
+    assert len(rows) == len(results["records"])
+    io_ours = [row for row in rows if row[0] == "hf-flash-perceiver" and row[1] == "io"]
+    assert io_ours and all(row[-1].endswith("x transformers-perceiver") for row in io_ours)
+    ratio = float(io_ours[0][-1].split("x")[0])
+    record = _measured(results["records"], impl="hf-flash-perceiver", config="io", n=int(io_ours[0][2]))[0]
+    peer = _measured(results["records"], impl="transformers-perceiver", config="io", n=record["n"])[0]
+    assert ratio == pytest.approx(peer["ms"] / record["ms"], abs=0.006)
+
+
+def test_plot_without_matplotlib_still_prints_the_table(smoke_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    path = next(smoke_run[0].glob("*-smoke.json"))
+    assert plot.main([str(path), "--markdown", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PNGs skipped" in out and "| impl | config |" in out
+    assert not list(tmp_path.glob("*.png"))
+
+
+def _record(impl, config, n, ms, **kw):
+    return {"impl": impl, "config": config, "n": n, "batch": 8, "ms": ms, "masked": False, "oom": False,
+            "peak_gib": None, "tflops_per_s": None, "mfu": None, **kw}
+
+
+def test_summary_compares_against_the_right_peer_and_target():
+    records = [
+        _record("hf-flash-perceiver", "seed", 4096, 10.0, mfu=0.40),
+        _record("perceiver-pytorch", "seed", 4096, 60.0),
+        _record("hf-flash-perceiver", "io", 4096, 10.0),
+        _record("transformers-perceiver", "io", 4096, 20.0),
+        _record("hf-flash-perceiver", "seed", 131072, 50.0, peak_gib=1.5),
+        _record("hf-flash-perceiver", "masked", 4096, 12.0, masked=True),
+        _record("hf-flash-perceiver", "masked", 4096, 10.0),
+        _record("hf-flash-perceiver", "large", 16384, 10.0, mfu=0.55),
+    ]
+    lines = "\n".join(report.summary_lines({"records": records}))
+    assert "seed   n=4096   B=8   hf-flash-perceiver:  6.00x perceiver-pytorch (target >= 5x: meets)" in lines
+    assert "2.00x transformers-perceiver (target >= 3x: MISSES)" in lines
+    assert "MFU 40.0% (target >= 35%: meets)" in lines
+    assert "peak 1.50 GiB (target <= 1 GiB: MISSES)" in lines
+    assert "masked/unmasked time 1.20x (target <= 1.1x: MISSES)" in lines
+    assert "MFU 55.0% (target >= 50%: meets)" in lines
+    # No peer at another n: no ratio invented.
+    assert report.speedup(records, records[4]) is None
+
+
+def test_newest_results_prefers_real_runs_over_smoke(tmp_path):
+    for name in ("2026-01-02-nvidia-h100-80gb-hbm3.json", "2026-03-01-cpu-smoke.json", "2025-12-31-nvidia-h200.json"):
+        (tmp_path / name).write_text("{}")
+    assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"

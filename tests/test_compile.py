@@ -1,0 +1,69 @@
+"""`torch.compile(model, fullgraph=True)` on the sdpa path: no graph break, same outputs and gradients as eager.
+
+A tiny model keeps the CPU compilation to ~10-20 s per test. On failure the message lists dynamo's graph-break
+reasons (`torch._dynamo.explain`), which is what needs fixing in the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+
+
+FP32_TOL = 1e-5
+
+
+def tiny_config(**kw) -> PerceiverConfig:
+    return PerceiverConfig(input_dim=8, depth=2, num_latents=4, latent_dim=16, cross_heads=1, cross_head_dim=8,
+                           latent_heads=2, latent_head_dim=8, **kw)
+
+
+def graph_breaks(model, *args, **kwargs) -> str:
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(*args, **kwargs)
+    reasons = sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons})
+    return f"{explanation.graph_break_count} graph break(s): {reasons}"
+
+
+def train_outputs(run, model, x, mask):
+    """`run` is the model or its compiled wrapper; gradients land on `model`'s parameters either way."""
+    model.zero_grad(set_to_none=True)
+    out = run(x, attention_mask=mask).last_hidden_state
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_compiled_matches_eager(config: PerceiverConfig):
+    torch.manual_seed(0)
+    model = PerceiverModel(config).train()  # training mode: the path Trainer(torch_compile=True) compiles
+    x = torch.randn(3, 11, config.input_dim)
+    mask = torch.arange(11)[None] < torch.tensor([[11], [7], [3]])
+    expected, expected_grads = train_outputs(model, model, x, mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    try:
+        out, grads = train_outputs(compiled, model, x, mask)
+    except Exception as exc:  # fullgraph=True turns a graph break into an error: say which
+        pytest.fail(f"torch.compile(fullgraph=True) failed: {type(exc).__name__}: {str(exc)[:300]}\n"
+                    f"{graph_breaks(model, x, attention_mask=mask)}")
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, expected, atol=FP32_TOL, rtol=FP32_TOL)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=FP32_TOL, rtol=1e-4, msg=name)
+
+
+def test_compile_fullgraph_matches_eager_with_a_mask():
+    check_compiled_matches_eager(tiny_config())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="graph break: `torch.autograd.grad` inside _ChunkedCrossAttention.backward (cross_attention.py) with "
+    "torch._dynamo.config.trace_autograd_ops=False, one per cross-attention block; remove this marker once fixed",
+)
+def test_compile_fullgraph_with_cross_attention_checkpointing():
+    check_compiled_matches_eager(tiny_config(cross_attention_checkpointing=True))
