@@ -5,7 +5,8 @@ and (under autocast) a half-precision copy of the input for backward: several ti
 cross-attention block. Here the input side — LayerNorm, key/value projection, rotary and attention — runs chunk by
 chunk over the keys; chunk results are merged exactly through their log-sum-exp (as flash-decoding merges splits),
 and backward recomputes each chunk's keys/values and feeds the *merged* output and log-sum-exp to the kernel's
-backward, which is exactly the gradient of the full attention restricted to that chunk. Nothing of size O(n) is
+backward, which is exactly the gradient of the full attention restricted to that chunk; the projection's backward
+is written out (no autograd inside autograd), so the whole thing traces under torch.compile. Nothing of size O(n) is
 kept except the input, which the caller holds anyway.
 
 The per-chunk kernel on CUDA in half precision is PyTorch's FlashAttention-2 (unmasked) or cuDNN attention (with
@@ -110,15 +111,52 @@ class _Spec:
     rotary: nn.Module | None
 
 
+def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """LayerNorm without affine in fp32: `(x_hat, rstd)`; written out so backward can reuse the statistics."""
+    x = x.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    centered = x - mean
+    rstd = torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
+    return centered * rstd, rstd
+
+
 def _project(x, ln_w, ln_b, kv_w, kv_b, spec: _Spec, start: int, dtype):
-    """keys, values (batch, heads, len, head_dim) of one chunk of raw input: LayerNorm (fp32) -> Linear -> rotary."""
+    """One chunk of raw input -> `(k, v)` (batch, heads, len, head_dim), plus what backward needs:
+    LayerNorm (fp32) -> Linear (in `dtype`) -> rotary on the keys."""
+    x_hat = rstd = None
     if ln_w is not None:
-        x = F.layer_norm(x.float(), (x.shape[-1],), ln_w.float(), ln_b.float(), spec.eps)
-    kv = F.linear(x.to(dtype), kv_w.to(dtype), None if kv_b is None else kv_b.to(dtype))
+        x_hat, rstd = _normalize(x, spec.eps)
+        x = x_hat * ln_w.float() + ln_b.float()
+    x_in = x.to(dtype)
+    kv = F.linear(x_in, kv_w.to(dtype), None if kv_b is None else kv_b.to(dtype))
     k, v = kv.unflatten(-1, (2, spec.heads, spec.head_dim)).unbind(dim=-3)
     if spec.rotary is not None:
         k = spec.rotary.rotate(k, offset=start)
-    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), (x_in, x_hat, rstd)
+
+
+def _project_backward(dk, dv, saved, ln_w, kv_w, spec: _Spec, start: int, grads: list, need_input: bool):
+    """Backward of `_project` written out (no autograd inside autograd, so torch.compile traces it): accumulates
+    the parameter gradients into `grads` = [d ln_w, d ln_b, d kv_w, d kv_b] (fp32) and returns d input or None."""
+    x_in, x_hat, rstd = saved
+    dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)  # (batch, len, heads, head_dim)
+    if spec.rotary is not None:
+        dk = spec.rotary.rotate(dk, offset=start, inverse=True)  # a rotation's transpose is its inverse
+    dkv = torch.stack([dk, dv], dim=-3).flatten(-3).to(x_in.dtype)  # (batch, len, 2*heads*head_dim)
+    grads[2] += torch.matmul(dkv.flatten(0, 1).transpose(0, 1), x_in.flatten(0, 1)).float()
+    if grads[3] is not None:
+        grads[3] += dkv.float().sum(dim=(0, 1))
+    if ln_w is None and not need_input:
+        return None
+    d_x = torch.matmul(dkv, kv_w.to(dkv.dtype)).float()
+    if ln_w is None:
+        return d_x
+    grads[0] += (d_x * x_hat).sum(dim=(0, 1))
+    grads[1] += d_x.sum(dim=(0, 1))
+    if not need_input:
+        return None
+    d_hat = d_x * ln_w.float()
+    return rstd * (d_hat - d_hat.mean(-1, keepdim=True) - x_hat * (d_hat * x_hat).mean(-1, keepdim=True))
 
 
 def _chunks(segments: list[Tensor], size: int):
@@ -152,7 +190,7 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         auxes = []
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             for i, s, e, g in _chunks(list(segments), spec.chunk_size):
-                k, v = _project(segments[i][:, s:e], ln_w, ln_b, kv_w, kv_b, spec, g, dtype)
+                k, v, _ = _project(segments[i][:, s:e], ln_w, ln_b, kv_w, kv_b, spec, g, dtype)
                 o_c, lse_c, aux = fwd(qt, k, v, _bias(mask, g, g + e - s, dtype), spec.scale)
                 auxes.append(aux)
                 if out is None:
@@ -175,29 +213,19 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         dout_t = dout.transpose(1, 2).to(dtype).contiguous()
         dq = torch.zeros_like(qt, dtype=torch.float32)
         params = [ln_w, ln_b, kv_w, kv_b]
-        param_grads = [None if p is None else torch.zeros_like(p, dtype=torch.float32) for p in params]
+        grads = [None if p is None else torch.zeros_like(p, dtype=torch.float32) for p in params]
         seg_needs = ctx.needs_input_grad[7:]
         seg_grads = [torch.zeros_like(seg) if need else None for seg, need in zip(segments, seg_needs)]
-        for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size), ctx.auxes):
-            with torch.enable_grad(), torch.autocast(qt.device.type, enabled=False):
-                x = segments[i][:, s:e].detach().requires_grad_(seg_needs[i])
-                leaves = [None if p is None else p.detach().requires_grad_(True) for p in params]
-                k, v = _project(x, *leaves, spec, g, dtype)
-            dq_c, dk, dv = bwd(dout_t, qt, k.detach(), v.detach(), out, lse, _bias(mask, g, g + e - s, dtype),
-                               spec.scale, aux)
-            dq += dq_c.float()
-            inputs = [t for t in [x, *leaves] if t is not None and t.requires_grad]
-            grads = torch.autograd.grad((k, v), inputs, (dk, dv), allow_unused=True)
-            grads = iter(grads)
-            if x.requires_grad:
-                seg_grads[i][:, s:e] = next(grads)
-            for j, leaf in enumerate(leaves):
-                if leaf is not None:
-                    grad = next(grads)
-                    if grad is not None:
-                        param_grads[j] += grad.float()
-        param_grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(param_grads, params)]
-        return (dq.to(dtype).transpose(1, 2), *param_grads, None, None, *seg_grads)
+        with torch.no_grad(), torch.autocast(qt.device.type, enabled=False):
+            for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size), ctx.auxes):
+                k, v, saved = _project(segments[i][:, s:e], ln_w, ln_b, kv_w, kv_b, spec, g, dtype)
+                dq_c, dk, dv = bwd(dout_t, qt, k, v, out, lse, _bias(mask, g, g + e - s, dtype), spec.scale, aux)
+                dq += dq_c.float()
+                d_x = _project_backward(dk, dv, saved, ln_w, kv_w, spec, g, grads, seg_needs[i])
+                if seg_needs[i]:
+                    seg_grads[i][:, s:e] = d_x.to(seg_grads[i].dtype)
+        grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, params)]
+        return (dq.to(dtype).transpose(1, 2), *grads, None, None, *seg_grads)
 
 
 def chunked_cross_attention(

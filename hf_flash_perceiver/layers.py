@@ -36,10 +36,11 @@ class PerceiverRotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Rotate `x (batch, seq, heads, head_dim)` whose first token sits at position `offset`."""
+    def rotate(self, x: Tensor, offset: int = 0, inverse: bool = False) -> Tensor:
+        """Rotate `x (batch, seq, heads, head_dim)` whose first token sits at position `offset` (by the opposite
+        angles with `inverse`: the transpose of the rotation, as a backward pass needs)."""
         cos, sin = self(x.shape[1], x.device, offset)
-        return apply_rotary(x, cos, sin)
+        return apply_rotary(x, cos, -sin if inverse else sin)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
