@@ -3,12 +3,22 @@
 Importing the package registers the models with transformers' Auto classes (`model_type="flash_perceiver"`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
 from .attention import ATTENTION_FUNCTIONS, KeyPaddingMask, attention
 from .configuration_perceiver import PerceiverConfig
+from .input_adapters import PerceiverImageAdapter, PerceiverTextAdapter, fourier_position_features
 from .modeling_perceiver import (
+    PerceiverForImageClassification,
+    PerceiverForMaskedLM,
     PerceiverForSequenceClassification,
+    PerceiverIOForRegression,
     PerceiverIOModel,
     PerceiverIOOutput,
     PerceiverModel,
@@ -24,6 +34,11 @@ __version__ = "0.1.0"
 AutoConfig.register(PerceiverConfig.model_type, PerceiverConfig, exist_ok=True)
 AutoModel.register(PerceiverConfig, PerceiverModel, exist_ok=True)
 AutoModelForSequenceClassification.register(PerceiverConfig, PerceiverForSequenceClassification, exist_ok=True)
+# Every head with a task Auto class is registered: for an unregistered class, transformers' Auto mappings resolve
+# by config class *name* and would reach its own PerceiverForImageClassification / PerceiverForMaskedLM. The IO
+# models have no task Auto class (AutoModel is the encoder); they load by class, or through a saved `auto_map`.
+AutoModelForImageClassification.register(PerceiverConfig, PerceiverForImageClassification, exist_ok=True)
+AutoModelForMaskedLM.register(PerceiverConfig, PerceiverForMaskedLM, exist_ok=True)
 
 __all__ = [
     "ATTENTION_FUNCTIONS",
@@ -36,4 +51,10 @@ __all__ = [
     "PerceiverIOModel",
     "PerceiverIOOutput",
     "PerceiverForSequenceClassification",
+    "PerceiverForImageClassification",
+    "PerceiverForMaskedLM",
+    "PerceiverIOForRegression",
+    "PerceiverImageAdapter",
+    "PerceiverTextAdapter",
+    "fourier_position_features",
 ]

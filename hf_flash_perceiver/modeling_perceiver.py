@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import ImageClassifierOutput, MaskedLMOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
 from .attention import KeyPaddingMask, check_attn_implementation
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput
+from .hub_perceiver import PerceiverHubMixin
+from .input_adapters import PerceiverImageAdapter, PerceiverTextAdapter
 from .layers import (
     PerceiverBlock,
     PerceiverRotaryEmbedding,
@@ -78,7 +80,7 @@ class PerceiverIOOutput(ModelOutput):
     cross_attentions: tuple[Tensor, ...] | None = None
 
 
-class PerceiverPreTrainedModel(PreTrainedModel):
+class PerceiverPreTrainedModel(PerceiverHubMixin, PreTrainedModel):
     config_class = PerceiverConfig
     config: PerceiverConfig
     base_model_prefix = "perceiver"
@@ -381,15 +383,36 @@ def _expand_queries(queries: Tensor, batch_size: int, width: int, name: str = "q
     return queries
 
 
+def _check_query_mask(query_mask, batch: int, num_queries: int) -> Tensor:
+    """Validate a `(batch, num_queries)` query mask (bool or 0/1 integers) and return it as bool."""
+    expected = (batch, num_queries)
+    if not isinstance(query_mask, Tensor):
+        raise TypeError(f"`query_mask` must be a tensor of shape (batch, num_queries) = {expected}, got {_type_name(query_mask)}.")
+    if tuple(query_mask.shape) != expected:
+        raise ValueError(f"`query_mask` must have shape (batch, num_queries) = {expected}, got {tuple(query_mask.shape)}.")
+    if query_mask.dtype == torch.bool:
+        return query_mask
+    if query_mask.is_floating_point() or query_mask.is_complex():
+        raise TypeError(f"`query_mask` must be bool or 0/1 integers, got dtype {query_mask.dtype}.")
+    if not torch.compiler.is_compiling() and bool(((query_mask != 0) & (query_mask != 1)).any()):
+        raise ValueError(f"`query_mask` must hold only 0/1 (or True/False), got values {query_mask.unique().tolist()}.")
+    return query_mask != 0
+
+
 class PerceiverDecoder(nn.Module):
     """Perceiver IO decoder: queries cross-attend to the latents, then an optional LayerNorm + Linear to
-    `config.output_dim`. Outputs at masked queries are exactly zero."""
+    `config.output_dim`. Outputs at masked queries are exactly zero.
 
-    def __init__(self, config: PerceiverConfig):
+    `num_queries` overrides `config.num_queries` for heads that own their query table (the masked LM has one query
+    per position, `config.max_position_embeddings` of them).
+    """
+
+    def __init__(self, config: PerceiverConfig, num_queries: int | None = None):
         super().__init__()
         self.config = config
         width = config.decoder_query_dim
-        self.queries = nn.Parameter(torch.zeros(config.num_queries, width)) if config.num_queries else None
+        num_queries = config.num_queries if num_queries is None else num_queries
+        self.queries = nn.Parameter(torch.zeros(num_queries, width)) if num_queries else None
         self.block = decoder_block(config)
         if config.output_dim is not None:
             self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
@@ -410,24 +433,54 @@ class PerceiverDecoder(nn.Module):
                 raise ValueError("The decoder has no learned queries (`num_queries=None`): pass `queries`.")
             queries = self.queries
         queries = _expand_queries(queries, batch, self.config.decoder_query_dim)
+        if query_mask is not None:
+            query_mask = _check_query_mask(query_mask, batch, queries.shape[1])
+            # Zero padded queries on the way in as well as out: NaN/Inf padding would otherwise reach the weight
+            # gradients through 0 * NaN, even though the outputs there are discarded.
+            queries = queries.masked_fill(~query_mask[..., None], 0.0)
         out, weights = self.block(queries, latents, None, output_attentions)
         if self.proj is not None:
             out = self.proj(self.norm(out))
         if query_mask is not None:
-            if not isinstance(query_mask, Tensor) or tuple(query_mask.shape) != tuple(out.shape[:2]):
-                got = tuple(query_mask.shape) if isinstance(query_mask, Tensor) else _type_name(query_mask)
-                raise ValueError(f"`query_mask` must have shape (batch, num_queries) = {tuple(out.shape[:2])}, got {got}.")
-            if query_mask.is_floating_point():
-                raise TypeError(f"`query_mask` must be bool or 0/1 integers, got dtype {query_mask.dtype}.")
-            out = out * (query_mask != 0)[..., None].to(out.dtype)
+            out = out.masked_fill(~query_mask[..., None], 0.0)
         return out, weights
+
+
+def perceiver_io_forward(
+    perceiver: PerceiverModel,
+    decoder: PerceiverDecoder,
+    inputs: InputsType,
+    attention_mask: MaskType,
+    queries: Tensor | None,
+    query_mask: Tensor | None,
+    latents: Tensor | None,
+    output_attentions: bool,
+    output_hidden_states: bool | None,
+) -> PerceiverIOOutput:
+    """Encode `inputs` into latents, then decode them at `queries`: the forward shared by the Perceiver IO heads."""
+    enc = perceiver(inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict=True)
+    logits, weights = decoder(enc.last_hidden_state, queries, query_mask, output_attentions)
+    return PerceiverIOOutput(
+        logits=logits,
+        last_hidden_state=enc.last_hidden_state,
+        hidden_states=enc.hidden_states,
+        attentions=enc.attentions,
+        cross_attentions=(weights,) if output_attentions else None,
+    )
 
 
 class PerceiverIOModel(PerceiverPreTrainedModel):
     r"""
     Perceiver IO: the Perceiver encoder followed by a decoder in which queries (learned, or passed in) cross-attend
-    to the latents and are projected to `config.output_dim`.
+    to the latents and are projected to `config.output_dim`. Takes raw features (`inputs`), like [`PerceiverModel`].
+
+    transformers has no task Auto class for it: load it with `PerceiverIOModel.from_pretrained`, or with
+    `AutoModel.from_pretrained(..., trust_remote_code=True)` from a folder saved after `register_for_auto_class()`
+    (its `auto_map` names this class for AutoModel).
     """
+
+    _hub_base_class = "PerceiverIOModel"
+    _hub_card_fields = ("num_queries", "query_dim", "output_dim", "query_heads", "query_head_dim")
 
     def __init__(self, config: PerceiverConfig, input_dims: list[int] | None = None):
         super().__init__(config)
@@ -457,14 +510,9 @@ class PerceiverIOModel(PerceiverPreTrainedModel):
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        enc = self.perceiver(inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict=True)
-        logits, weights = self.decoder(enc.last_hidden_state, queries, query_mask, output_attentions)
-        out = PerceiverIOOutput(
-            logits=logits,
-            last_hidden_state=enc.last_hidden_state,
-            hidden_states=enc.hidden_states,
-            attentions=enc.attentions,
-            cross_attentions=(weights,) if output_attentions else None,
+        out = perceiver_io_forward(
+            self.perceiver, self.decoder, inputs, attention_mask, queries, query_mask, latents, output_attentions,
+            output_hidden_states,
         )
         return out if return_dict else out.to_tuple()
 
@@ -493,6 +541,12 @@ class PerceiverClassificationHead(nn.Module):
         if self.pooling == "first":
             return latents[:, 0]
         if self.pooling == "concat":
+            # The classifier's width is fixed by num_latents: custom latents of another count cannot be concatenated.
+            if latents.shape[1] * latents.shape[2] != self.classifier.in_features:
+                raise ValueError(
+                    f"pooling='concat' needs {self.classifier.in_features // latents.shape[2]} latents "
+                    f"(config.num_latents), got {latents.shape[1]}."
+                )
             return latents.flatten(1)
         query = self.query.expand(latents.shape[0], -1, -1)
         return self.query_block(query, latents)[0][:, 0]
@@ -501,51 +555,192 @@ class PerceiverClassificationHead(nn.Module):
         return self.classifier(self.dropout(self.norm(self.pool(latents))))
 
 
-def classification_loss(config: PerceiverConfig, logits: Tensor, labels: Tensor) -> Tensor:
-    """Loss by `config.problem_type` (inferred as transformers does), with labels validated against it."""
-    num_labels = config.num_labels
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _mean_over_items(loss_sum: Tensor, count: Tensor | int, num_items_in_batch: Tensor | int | None) -> Tensor:
+    """Turn a summed loss into a mean over labelled items.
+
+    Under `Trainer` with gradient accumulation, `num_items_in_batch` is the number of labelled items in the whole
+    accumulated batch: dividing each micro-batch's *sum* by it makes the accumulated loss (and gradient) equal to the
+    full batch's mean, which a per-micro-batch mean does not when micro-batches hold different numbers of items.
+    Without it, the count of this batch is used; a batch without any labelled item gives 0, not 0/0 = NaN.
+    """
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+        return loss_sum / num_items_in_batch
+    if isinstance(count, Tensor):
+        return loss_sum / count.clamp(min=1)
+    return loss_sum / max(count, 1)
+
+
+def class_id_loss(
+    logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None, what: str = "Class ids"
+) -> Tensor:
+    """Cross-entropy of `logits (n, num_classes)` against class ids `labels (n,)`; -100 marks ignored items.
+
+    Ids out of range raise a `ValueError` here instead of an IndexError (CPU) or device-side assert (CUDA) in torch.
+    """
+    num_classes = logits.shape[-1]
+    valid = labels != -100
+    if not torch.compiler.is_compiling():
+        bad = valid & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{what} must be in [0, {num_classes}) or -100 (ignored), got {labels[bad].unique().tolist()[:10]}."
+            )
+    loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return _mean_over_items(loss_sum, valid.sum(), num_items_in_batch)
+
+
+def infer_problem_type(num_labels: int, labels: Tensor) -> str:
+    """transformers' rule: one label is regression; integer labels are single-label classes; else multi-label."""
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in _INTEGER_DTYPES:
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def classification_loss(
+    config: PerceiverConfig, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None
+) -> Tensor:
+    """Loss by `config.problem_type` (inferred as transformers does), with labels validated against it.
+
+    Single-label: cross-entropy over integer class ids `(batch,)`, -100 ignored. Multi-label: BCE-with-logits over
+    float multi-hot `(batch, num_labels)`. Regression: MSE over float `(batch, num_labels)` (or `(batch,)` with one
+    label). Every loss is a sum over items divided by `num_items_in_batch` when given (see `_mean_over_items`).
+    """
     if not isinstance(labels, Tensor):
         raise TypeError(f"`labels` must be a tensor, got {_type_name(labels)}.")
-    batch = logits.shape[0]
-    if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    kind = config.problem_type
-    if kind == "regression":
-        if not labels.is_floating_point() or labels.numel() != batch * num_labels:
+    batch, num_labels = logits.shape[0], config.num_labels
+    problem_type = config.problem_type or infer_problem_type(num_labels, labels)
+    got = f"got dtype {labels.dtype} of shape {tuple(labels.shape)}"
+    if problem_type == "regression":
+        shapes = [(batch, num_labels)] + ([(batch,)] if num_labels == 1 else [])
+        if not labels.is_floating_point() or tuple(labels.shape) not in shapes:
+            expected = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"Regression labels must be floating point of shape {expected}, {got}.")
+        error = logits.float().view(batch, num_labels) - labels.float().view(batch, num_labels)
+        loss = _mean_over_items(error.square().sum(), labels.numel(), num_items_in_batch)
+    elif problem_type == "single_label_classification":
+        if labels.dtype not in _INTEGER_DTYPES or tuple(labels.shape) not in ((batch,), (batch, 1)):
             raise ValueError(
-                f"Regression labels must be float of shape ({batch},) or ({batch}, {num_labels}), "
-                f"got {labels.dtype} {tuple(labels.shape)}."
+                f"Single-label classification labels must be integer class ids (torch.long) of shape ({batch},), "
+                f"{got}. (Multi-label classification takes float multi-hot labels of shape ({batch}, {num_labels}).)"
             )
-        return F.mse_loss(logits.float().view(batch, num_labels), labels.float().view(batch, num_labels))
-    if kind == "single_label_classification":
-        if labels.is_floating_point() or labels.shape not in ((batch,), (batch, 1)):
+        loss = class_id_loss(logits, labels.view(batch).long(), num_items_in_batch)
+    else:
+        if labels.dtype == torch.bool or labels.is_complex() or tuple(labels.shape) != (batch, num_labels):
             raise ValueError(
-                f"Single-label classification labels must be integer class ids of shape ({batch},), "
-                f"got {labels.dtype} {tuple(labels.shape)}."
+                f"Multi-label classification labels must be float multi-hot (0/1) of shape ({batch}, {num_labels}), "
+                f"{got}."
             )
-        labels = labels.view(batch).long()
-        valid = labels != -100
-        if not torch.compiler.is_compiling() and bool(((labels < 0) & valid).any() | (labels >= num_labels).any()):
-            raise ValueError(f"Class ids must be in [0, {num_labels}) (or -100 to ignore), got {labels.tolist()}.")
-        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
-    if tuple(labels.shape) != (batch, num_labels):
+        targets = labels.float()
+        if not torch.compiler.is_compiling() and bool(((targets < 0) | (targets > 1)).any()):
+            raise ValueError(
+                f"Multi-label classification labels must lie in [0, 1], got values in "
+                f"[{targets.min().item()}, {targets.max().item()}]."
+            )
+        bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum")
+        loss = _mean_over_items(bce, labels.numel(), num_items_in_batch)
+    # Remembered only once the labels fit (as transformers does): the pipelines pick softmax/sigmoid from it.
+    config.problem_type = problem_type
+    return loss
+
+
+def dense_regression_loss(
+    logits: Tensor, labels: Tensor, query_mask: Tensor | None = None, num_items_in_batch: Tensor | int | None = None
+) -> Tensor:
+    """MSE of Perceiver IO outputs `(batch, num_queries, output_dim)` against dense targets of the same shape.
+
+    Masked queries (`query_mask` False/0) are excluded: their targets may hold anything (NaN, -100 padding).
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a tensor, got {_type_name(labels)}.")
+    if not labels.is_floating_point() or labels.shape != logits.shape:
         raise ValueError(
-            f"Multi-label classification labels must have shape ({batch}, {num_labels}) with 0/1 entries, "
-            f"got {labels.dtype} {tuple(labels.shape)}."
+            "Dense regression labels must be floating point of shape (batch, num_queries, output_dim) = "
+            f"{tuple(logits.shape)}, got dtype {labels.dtype} of shape {tuple(labels.shape)}."
         )
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    targets = labels.float()
+    if query_mask is None:
+        count = targets.numel()
+    else:
+        valid = (query_mask != 0)[..., None]
+        # Masked before the difference, so that NaN targets there cannot reach the gradient through 0 * NaN.
+        targets = targets.masked_fill(~valid, 0.0)
+        count = valid.sum() * targets.shape[-1]
+    error = (logits.float() - targets).square().sum()
+    return _mean_over_items(error, count, num_items_in_batch)
 
 
-class PerceiverForSequenceClassification(PerceiverPreTrainedModel):
+def masked_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    attention_mask: Tensor | None = None,
+    num_items_in_batch: Tensor | int | None = None,
+) -> Tensor:
+    """Cross-entropy of `logits (batch, seq_len, vocab_size)` against token ids `labels (batch, seq_len)`; -100 and
+    padded positions (`attention_mask` 0) are ignored."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a tensor, got {_type_name(labels)}.")
+    if labels.dtype not in _INTEGER_DTYPES or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"Masked-LM labels must be integer token ids (torch.long, -100 = ignore) of shape (batch, seq_len) = "
+            f"{tuple(logits.shape[:2])}, got dtype {labels.dtype} of shape {tuple(labels.shape)}."
+        )
+    labels = labels.long()
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    return class_id_loss(logits.flatten(0, 1), labels.flatten(), num_items_in_batch, "Masked-LM label ids")
+
+
+def _pin_adapter_width(config: PerceiverConfig, head: str) -> int:
+    """The width of an input adapter's tokens: `config.input_dim`, or `latent_dim` when unset.
+
+    The width is written back into the config so that the checkpoint's encoder loads on its own: `AutoModel` gives
+    a [`PerceiverModel`], which reads `config.input_dim` (the adapter's tokens are its raw features).
+    """
+    if isinstance(config.input_dim, list):
+        raise ValueError(
+            f"{head} feeds one input adapter to every cross-attention block, so `input_dim` must be an int or None, "
+            f"got the list {config.input_dim}."
+        )
+    if config.input_dim is None:
+        config.input_dim = config.latent_dim
+    return config.input_dim
+
+
+class _ClassifierMixin:
+    """Shared by the classification heads: pool + classify the latents, loss by problem type."""
+
+    def forward_head(self, latents: Tensor) -> Tensor:
+        """Pool and classify final latents: `(batch, num_labels)` logits."""
+        return self.head(latents)
+
+    def _classify(self, enc: PerceiverModelOutput, labels: Tensor | None, num_items_in_batch, return_dict: bool | None,
+                  output_class: type[ModelOutput]):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        logits = self.forward_head(enc.last_hidden_state)
+        loss = None if labels is None else classification_loss(self.config, logits, labels, num_items_in_batch)
+        out = output_class(loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions)
+        return out if return_dict else out.to_tuple()
+
+
+class PerceiverForSequenceClassification(_ClassifierMixin, PerceiverPreTrainedModel):
     r"""
     Perceiver with a classification head over the pooled latents (`config.pooling`: `"average"`, `"first"`,
     `"concat"` or `"query"`). Takes raw features (`inputs`), like [`PerceiverModel`].
+
+    `labels` give a loss by `config.problem_type` (single-label cross-entropy, multi-label BCE or regression MSE,
+    inferred as transformers does when unset).
     """
+
+    accepts_loss_kwargs = True
+    _hub_auto_class = "AutoModelForSequenceClassification"
+    _hub_card_fields = ("pooling", "num_labels", "problem_type")
 
     def __init__(self, config: PerceiverConfig, input_dims: list[int] | None = None):
         super().__init__(config)
@@ -560,10 +755,6 @@ class PerceiverForSequenceClassification(PerceiverPreTrainedModel):
         """The encoder's output (final latents) for `inputs`."""
         return self.perceiver(inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict=True)
 
-    def forward_head(self, latents: Tensor) -> Tensor:
-        """Pool and classify final latents: `(batch, num_labels)` logits."""
-        return self.head(latents)
-
     def forward(
         self,
         inputs: InputsType,
@@ -573,21 +764,210 @@ class PerceiverForSequenceClassification(PerceiverPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: Tensor | int | None = None,
     ) -> SequenceClassifierOutput | tuple:
         r"""
         Args:
             inputs, attention_mask, latents, output_attentions, output_hidden_states, return_dict:
                 as in [`PerceiverModel.forward`].
             labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor`, *optional*):
-                Class ids (single-label), multi-hot `(batch_size, num_labels)` (multi-label) or targets (regression).
+                Class ids (single-label, -100 ignored), float multi-hot `(batch_size, num_labels)` (multi-label) or
+                float targets `(batch_size, num_labels)` (regression).
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+                Labelled items in the whole (gradient-accumulated) batch; `Trainer` passes it so that the loss is
+                exact under gradient accumulation.
+        """
+        enc = self.forward_features(inputs, attention_mask, latents, output_attentions, output_hidden_states)
+        return self._classify(enc, labels, num_items_in_batch, return_dict, SequenceClassifierOutput)
+
+
+class PerceiverForImageClassification(_ClassifierMixin, PerceiverPreTrainedModel):
+    r"""
+    Perceiver image classifier: `pixel_values` are cut into patches (`config.patch_size`, 1 = per pixel), given 2-D
+    Fourier (`config.num_fourier_bands`) or learned positions and projected ([`PerceiverImageAdapter`]), encoded, and
+    the latents pooled and classified as in [`PerceiverForSequenceClassification`].
+
+    Works with `pipeline("image-classification")` given an image processor (e.g. `ViTImageProcessor`) saved next to
+    the model.
+    """
+
+    main_input_name = "pixel_values"
+    accepts_loss_kwargs = True
+    _hub_auto_class = "AutoModelForImageClassification"
+    _hub_pipeline_tag = "image-classification"
+    _hub_card_fields = ("num_channels", "image_size", "patch_size", "num_fourier_bands", "pooling", "num_labels",
+                        "problem_type")
+
+    def __init__(self, config: PerceiverConfig):
+        super().__init__(config)
+        width = _pin_adapter_width(config, type(self).__name__)
+        self.num_labels = config.num_labels
+        self.input_adapter = PerceiverImageAdapter(config, width)
+        self.perceiver = PerceiverModel(config, input_dims=config.input_dims)
+        self.head = PerceiverClassificationHead(config)
+        self.post_init()
+
+    def forward_features(self, pixel_values: Tensor, latents: Tensor | None = None,
+                         output_attentions: bool | None = None,
+                         output_hidden_states: bool | None = None) -> PerceiverModelOutput:
+        """The encoder's output (final latents) for a batch of images."""
+        tokens = self.input_adapter(pixel_values)
+        return self.perceiver(tokens, None, latents, output_attentions, output_hidden_states, return_dict=True)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        labels: Tensor | None = None,
+        latents: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images, as an image processor returns them. Height and width must be divisible by
+                `config.patch_size` (and equal `config.image_size` with learned positions).
+            labels: as in [`PerceiverForSequenceClassification.forward`].
+            latents, output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
+            num_items_in_batch: as in [`PerceiverForSequenceClassification.forward`].
+        """
+        enc = self.forward_features(pixel_values, latents, output_attentions, output_hidden_states)
+        return self._classify(enc, labels, num_items_in_batch, return_dict, ImageClassifierOutput)
+
+
+class PerceiverIOForRegression(PerceiverIOModel):
+    r"""
+    Perceiver IO for dense prediction: [`PerceiverIOModel`] with an MSE loss against `labels` given at the queries,
+    `(batch, num_queries, output_dim)`. Masked queries (`query_mask`) are excluded from the loss.
+    """
+
+    accepts_loss_kwargs = True
+
+    def forward(
+        self,
+        inputs: InputsType,
+        attention_mask: MaskType = None,
+        queries: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        latents: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> PerceiverIOOutput | tuple:
+        r"""
+        Args:
+            inputs, attention_mask, queries, query_mask, latents, output_attentions, output_hidden_states, return_dict:
+                as in [`PerceiverIOModel.forward`].
+            labels (`torch.FloatTensor` of shape `(batch_size, num_queries, output_dim)`, *optional*):
+                Dense targets at the queries. Values at masked queries are ignored; fill them with -100 to keep the
+                loss exact under `Trainer`'s gradient accumulation (it counts label entries that are not -100).
+            num_items_in_batch: as in [`PerceiverForSequenceClassification.forward`].
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        enc = self.forward_features(inputs, attention_mask, latents, output_attentions, output_hidden_states)
-        logits = self.forward_head(enc.last_hidden_state)
-        loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        out = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions
+        out = super().forward(inputs, attention_mask, queries, query_mask, latents, output_attentions,
+                              output_hidden_states, return_dict=True)
+        if labels is not None:
+            out.loss = dense_regression_loss(out.logits, labels, query_mask, num_items_in_batch)
+        return out if return_dict else out.to_tuple()
+
+
+class PerceiverForMaskedLM(PerceiverPreTrainedModel):
+    r"""
+    Perceiver IO masked language model: token ids are embedded with positions ([`PerceiverTextAdapter`]), encoded
+    into the latents, and decoded with one learned query per position ([`PerceiverDecoder`] with
+    `config.max_position_embeddings` queries); a LayerNorm + Linear gives vocabulary logits, the Linear tied to the
+    input embedding when `config.tie_word_embeddings`.
+
+    Works with `pipeline("fill-mask")` and transformers' byte-level `PerceiverTokenizer` (`vocab_size=262`).
+    """
+
+    main_input_name = "input_ids"
+    accepts_loss_kwargs = True
+    _tied_weights_keys = {"lm_head.weight": "input_adapter.token_embeddings.weight"}
+    _hub_auto_class = "AutoModelForMaskedLM"
+    _hub_pipeline_tag = "fill-mask"
+    _hub_card_fields = ("vocab_size", "max_position_embeddings", "tie_word_embeddings", "query_dim", "output_dim")
+
+    def __init__(self, config: PerceiverConfig):
+        super().__init__(config)
+        width = _pin_adapter_width(config, type(self).__name__)
+        out_width = config.output_dim or config.decoder_query_dim
+        if config.tie_word_embeddings and out_width != width:
+            raise ValueError(
+                f"Tied word embeddings need the decoder output width ({out_width}: `output_dim`, else `query_dim`, "
+                f"else `latent_dim`) to equal the embedding width ({width}: `input_dim`, else `latent_dim`); set them "
+                "equal or `tie_word_embeddings=False`."
+            )
+        self.input_adapter = PerceiverTextAdapter(config, width)
+        self.perceiver = PerceiverModel(config, input_dims=config.input_dims)
+        self.decoder = PerceiverDecoder(config, num_queries=config.max_position_embeddings)
+        self.lm_norm = nn.LayerNorm(out_width, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(out_width, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.input_adapter.token_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.input_adapter.token_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def forward_features(self, input_ids: Tensor, attention_mask: Tensor | None = None, latents: Tensor | None = None,
+                         output_attentions: bool | None = None,
+                         output_hidden_states: bool | None = None) -> PerceiverIOOutput:
+        """Embed, encode and decode: `logits` holds one decoder output per position (zero at padding)."""
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        tokens = self.input_adapter(input_ids)
+        queries = self.decoder.queries[: input_ids.shape[1]]
+        return perceiver_io_forward(
+            self.perceiver, self.decoder, tokens, attention_mask, queries, attention_mask, latents, output_attentions,
+            output_hidden_states,
         )
+
+    def forward_head(self, decoded: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Vocabulary logits `(batch, seq_len, vocab_size)` from the decoder outputs; exactly zero at padding."""
+        logits = self.lm_head(self.lm_norm(decoded))
+        if attention_mask is not None:
+            logits = logits.masked_fill((attention_mask == 0)[..., None], 0.0)
+        return logits
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        latents: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> MaskedLMOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Token ids in `[0, config.vocab_size)`, at most `config.max_position_embeddings` of them.
+            attention_mask (`torch.LongTensor` or `torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*):
+                1/True = real token, 0/False = padding (as tokenizers return it). Padded positions are not attended
+                to, get zero logits and never count in the loss.
+            labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Token ids to predict; -100 = not predicted.
+            latents, output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
+            num_items_in_batch: as in [`PerceiverForSequenceClassification.forward`].
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        io = self.forward_features(input_ids, attention_mask, latents, output_attentions, output_hidden_states)
+        logits = self.forward_head(io.logits, attention_mask)
+        loss = None if labels is None else masked_lm_loss(logits, labels, attention_mask, num_items_in_batch)
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=io.hidden_states, attentions=io.attentions)
         return out if return_dict else out.to_tuple()
 
 
@@ -599,7 +979,13 @@ __all__ = [
     "PerceiverDecoder",
     "PerceiverIOModel",
     "PerceiverIOOutput",
+    "PerceiverIOForRegression",
     "PerceiverClassificationHead",
     "PerceiverForSequenceClassification",
+    "PerceiverForImageClassification",
+    "PerceiverForMaskedLM",
     "classification_loss",
+    "dense_regression_loss",
+    "masked_lm_loss",
+    "perceiver_io_forward",
 ]
