@@ -26,6 +26,11 @@ from .modeling_perceiver import (
     PerceiverPreTrainedModel,
 )
 
+# The flash-perceiver 0.2.0 API (`from hf_flash_perceiver import Perceiver, PerceiverIO, utils`) and its converter.
+from . import adapters, encodings, utils
+from .convert_flash_perceiver import convert_flash_perceiver_checkpoint
+from .seed_api import Perceiver, PerceiverIO
+
 
 __version__ = "0.1.0"
 
@@ -57,4 +62,10 @@ __all__ = [
     "PerceiverImageAdapter",
     "PerceiverTextAdapter",
     "fourier_position_features",
+    "Perceiver",
+    "PerceiverIO",
+    "utils",
+    "adapters",
+    "encodings",
+    "convert_flash_perceiver_checkpoint",
 ]
