@@ -93,6 +93,7 @@ def build_ours(
     attn: str = "sdpa",
     cross_attention_checkpointing: bool = False,
     compile: bool = False,
+    compile_mode: str | None = None,
 ) -> HFFlashPerceiver:
     """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
@@ -101,7 +102,7 @@ def build_ours(
     model = PerceiverModel(config)
     model.set_attn_implementation(attn)
     model.train()
-    return HFFlashPerceiver(torch.compile(model, fullgraph=True) if compile else model)
+    return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model)
 
 
 # ---------------------------------------------------------------------------------------------------- peers

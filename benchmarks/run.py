@@ -137,6 +137,11 @@ IMPLS: dict[str, ImplSpec] = {
     "hf-flash-perceiver+compile": ImplSpec(
         ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", compile=True), compile=True
     ),
+    # CUDA graphs on top of compile: the eager step is CPU-bound at these sizes (launch overhead), graphs remove it.
+    "hf-flash-perceiver+compile-cudagraphs": ImplSpec(
+        ("seed", "io"), lambda s, a: build_ours(s, "sdpa", compile=True, compile_mode="reduce-overhead"),
+        compile=True,
+    ),
 }
 
 
@@ -353,10 +358,11 @@ def plan(ctx: Context) -> tuple[list[Job], list[str]]:
                     continue
                 for masked in ((True, False) if spec.masked else (False,)):
                     jobs.append(Job(impl, config, n, batch, masked))
-    if "hf-flash-perceiver+compile" in usable:
+    for impl in [name for name in usable if IMPLS[name].compile]:
         for config, n in compile_points(ctx):
-            batch = dict(ctx.configs[config].points)[n]
-            jobs.append(Job("hf-flash-perceiver+compile", config, n, batch))
+            if config in IMPLS[impl].configs:
+                batch = dict(ctx.configs[config].points)[n]
+                jobs.append(Job(impl, config, n, batch))
     return jobs, notes
 
 

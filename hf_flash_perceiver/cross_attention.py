@@ -111,52 +111,48 @@ class _Spec:
     rotary: nn.Module | None
 
 
-def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """LayerNorm without affine in fp32: `(x_hat, rstd)`; written out so backward can reuse the statistics."""
+def _project(x, ln_w, ln_b, kv_w, kv_b, spec: _Spec, start: int, dtype, for_backward: bool = False):
+    """One chunk of raw input -> `(k, v)` (batch, heads, len, head_dim) as strided views, plus what the backward
+    needs (`for_backward`): LayerNorm (fused, fp32) -> Linear (in `dtype`) -> rotary on the keys."""
     x = x.float()
-    mean = x.mean(dim=-1, keepdim=True)
-    centered = x - mean
-    rstd = torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
-    return centered * rstd, rstd
-
-
-def _project(x, ln_w, ln_b, kv_w, kv_b, spec: _Spec, start: int, dtype):
-    """One chunk of raw input -> `(k, v)` (batch, heads, len, head_dim), plus what backward needs:
-    LayerNorm (fp32) -> Linear (in `dtype`) -> rotary on the keys."""
-    x_hat = rstd = None
+    stats = None
     if ln_w is not None:
-        x_hat, rstd = _normalize(x, spec.eps)
-        x = x_hat * ln_w.float() + ln_b.float()
+        if for_backward:
+            x, mean, rstd = torch.ops.aten.native_layer_norm(x, [x.shape[-1]], ln_w.float(), ln_b.float(), spec.eps)
+            stats = (mean, rstd)
+        else:
+            x = F.layer_norm(x, (x.shape[-1],), ln_w.float(), ln_b.float(), spec.eps)
     x_in = x.to(dtype)
     kv = F.linear(x_in, kv_w.to(dtype), None if kv_b is None else kv_b.to(dtype))
     k, v = kv.unflatten(-1, (2, spec.heads, spec.head_dim)).unbind(dim=-3)
     if spec.rotary is not None:
         k = spec.rotary.rotate(k, offset=start)
-    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), (x_in, x_hat, rstd)
+    return k.transpose(1, 2), v.transpose(1, 2), (x_in, stats)
 
 
-def _project_backward(dk, dv, saved, ln_w, kv_w, spec: _Spec, start: int, grads: list, need_input: bool):
+def _project_backward(dk, dv, x, saved, ln_w, ln_b, kv_w, spec: _Spec, start: int, grads: list, need_input: bool):
     """Backward of `_project` written out (no autograd inside autograd, so torch.compile traces it): accumulates
     the parameter gradients into `grads` = [d ln_w, d ln_b, d kv_w, d kv_b] (fp32) and returns d input or None."""
-    x_in, x_hat, rstd = saved
+    x_in, stats = saved
     dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)  # (batch, len, heads, head_dim)
     if spec.rotary is not None:
         dk = spec.rotary.rotate(dk, offset=start, inverse=True)  # a rotation's transpose is its inverse
     dkv = torch.stack([dk, dv], dim=-3).flatten(-3).to(x_in.dtype)  # (batch, len, 2*heads*head_dim)
     grads[2] += torch.matmul(dkv.flatten(0, 1).transpose(0, 1), x_in.flatten(0, 1)).float()
     if grads[3] is not None:
-        grads[3] += dkv.float().sum(dim=(0, 1))
+        grads[3] += torch.sum(dkv, dim=(0, 1), dtype=torch.float32)
     if ln_w is None and not need_input:
         return None
     d_x = torch.matmul(dkv, kv_w.to(dkv.dtype)).float()
     if ln_w is None:
         return d_x
-    grads[0] += (d_x * x_hat).sum(dim=(0, 1))
-    grads[1] += d_x.sum(dim=(0, 1))
-    if not need_input:
-        return None
-    d_hat = d_x * ln_w.float()
-    return rstd * (d_hat - d_hat.mean(-1, keepdim=True) - x_hat * (d_hat * x_hat).mean(-1, keepdim=True))
+    mean, rstd = stats
+    d_input, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
+        d_x, x.float(), [x.shape[-1]], mean, rstd, ln_w.float(), ln_b.float(), [need_input, True, True]
+    )
+    grads[0] += d_w
+    grads[1] += d_b
+    return d_input
 
 
 def _chunks(segments: list[Tensor], size: int):
@@ -218,10 +214,11 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         seg_grads = [torch.zeros_like(seg) if need else None for seg, need in zip(segments, seg_needs)]
         with torch.no_grad(), torch.autocast(qt.device.type, enabled=False):
             for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size), ctx.auxes):
-                k, v, saved = _project(segments[i][:, s:e], ln_w, ln_b, kv_w, kv_b, spec, g, dtype)
+                x = segments[i][:, s:e]
+                k, v, saved = _project(x, ln_w, ln_b, kv_w, kv_b, spec, g, dtype, for_backward=True)
                 dq_c, dk, dv = bwd(dout_t, qt, k, v, out, lse, _bias(mask, g, g + e - s, dtype), spec.scale, aux)
                 dq += dq_c.float()
-                d_x = _project_backward(dk, dv, saved, ln_w, kv_w, spec, g, grads, seg_needs[i])
+                d_x = _project_backward(dk, dv, x, saved, ln_w, ln_b, kv_w, spec, g, grads, seg_needs[i])
                 if seg_needs[i]:
                     seg_grads[i][:, s:e] = d_x.to(seg_grads[i].dtype)
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, params)]
@@ -244,7 +241,9 @@ def chunked_cross_attention(
     `kv_proj(norm(context))` (+ rotary), computed chunk by chunk and recomputed in backward.
 
     Returns the attention output `(batch, q_len, heads, head_dim)` (zero for samples without valid keys)."""
-    spec = _Spec(heads, head_dim, scale, chunk_size, norm.eps if norm is not None else 0.0, rotary)
+    # `chunk_size` counts token rows across the batch: the transient memory of a chunk is what it bounds.
+    keys_per_chunk = max(1, chunk_size // query.shape[0])
+    spec = _Spec(heads, head_dim, scale, keys_per_chunk, norm.eps if norm is not None else 0.0, rotary)
     out = _ChunkedCrossAttention.apply(
         query,
         None if norm is None else norm.weight,
