@@ -111,47 +111,65 @@ class _Spec:
     rotary: nn.Module | None
 
 
-def _project(x, ln_w, ln_b, kv_w, kv_b, spec: _Spec, start: int, dtype, for_backward: bool = False):
-    """One chunk of raw input -> `(k, v)` (batch, heads, len, head_dim) as strided views, plus what the backward
-    needs (`for_backward`): LayerNorm (fused, fp32) -> Linear (in `dtype`) -> rotary on the keys."""
+def _fold(ln_w, ln_b, kv_w, kv_b):
+    """LayerNorm affine folded into the projection: `(x_hat*g + b) W^T + c = x_hat (W*g)^T + (W b + c)`, so chunks
+    only need an affine-free LayerNorm (no per-chunk gamma/beta reductions in backward)."""
+    if ln_w is None:
+        return kv_w.float(), None if kv_b is None else kv_b.float()
+    weight = kv_w.float() * ln_w.float()[None, :]
+    bias = torch.mv(kv_w.float(), ln_b.float())
+    return weight, bias if kv_b is None else bias + kv_b.float()
+
+
+def _unfold_grads(d_weight, d_bias, ln_w, ln_b, kv_w, kv_b):
+    """Gradients of the folded weight/bias back to `[ln_w, ln_b, kv_w, kv_b]` (chain rule through `_fold`)."""
+    if ln_w is None:
+        return [None, None, d_weight, d_bias]
+    d_kv_w = d_weight * ln_w.float()[None, :] + torch.outer(d_bias, ln_b.float())
+    d_ln_w = (d_weight * kv_w.float()).sum(0)
+    d_ln_b = torch.mv(kv_w.float().t(), d_bias)
+    return [d_ln_w, d_ln_b, d_kv_w, None if kv_b is None else d_bias]
+
+
+def _project(x, weight, bias, spec: _Spec, start: int, dtype, normalize: bool, keep_stats: bool = False):
+    """One chunk of raw input -> `(k, v)` (batch, heads, len, head_dim) as strided views, the projection's input and
+    the LayerNorm statistics (with `keep_stats`): affine-free LayerNorm (fp32) -> folded Linear (in `dtype`) ->
+    rotary on the keys."""
     x = x.float()
     stats = None
-    if ln_w is not None:
-        if for_backward:
-            x, mean, rstd = torch.ops.aten.native_layer_norm(x, [x.shape[-1]], ln_w.float(), ln_b.float(), spec.eps)
+    if normalize:
+        if keep_stats:
+            x, mean, rstd = torch.ops.aten.native_layer_norm(x, [x.shape[-1]], None, None, spec.eps)
             stats = (mean, rstd)
         else:
-            x = F.layer_norm(x, (x.shape[-1],), ln_w.float(), ln_b.float(), spec.eps)
+            x = F.layer_norm(x, (x.shape[-1],), None, None, spec.eps)
     x_in = x.to(dtype)
-    kv = F.linear(x_in, kv_w.to(dtype), None if kv_b is None else kv_b.to(dtype))
+    kv = F.linear(x_in, weight.to(dtype), None if bias is None else bias.to(dtype))
     k, v = kv.unflatten(-1, (2, spec.heads, spec.head_dim)).unbind(dim=-3)
     if spec.rotary is not None:
         k = spec.rotary.rotate(k, offset=start)
-    return k.transpose(1, 2), v.transpose(1, 2), (x_in, stats)
+    return k.transpose(1, 2), v.transpose(1, 2), x_in, stats
 
 
-def _project_backward(dk, dv, x, saved, ln_w, ln_b, kv_w, spec: _Spec, start: int, grads: list, need_input: bool):
-    """Backward of `_project` written out (no autograd inside autograd, so torch.compile traces it): accumulates
-    the parameter gradients into `grads` = [d ln_w, d ln_b, d kv_w, d kv_b] (fp32) and returns d input or None."""
-    x_in, stats = saved
+def _project_backward(dk, dv, x, x_in, stats, weight, spec: _Spec, start: int, grads: list, need_input: bool):
+    """Backward of `_project` written out (no autograd inside autograd, so torch.compile traces it): accumulates the
+    folded weight/bias gradients into `grads` (fp32) and returns d input (or None when not needed)."""
     dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)  # (batch, len, heads, head_dim)
     if spec.rotary is not None:
         dk = spec.rotary.rotate(dk, offset=start, inverse=True)  # a rotation's transpose is its inverse
     dkv = torch.stack([dk, dv], dim=-3).flatten(-3).to(x_in.dtype)  # (batch, len, 2*heads*head_dim)
-    grads[2] += torch.matmul(dkv.flatten(0, 1).transpose(0, 1), x_in.flatten(0, 1)).float()
-    if grads[3] is not None:
-        grads[3] += torch.sum(dkv, dim=(0, 1), dtype=torch.float32)
-    if ln_w is None and not need_input:
+    grads[0] += torch.matmul(dkv.flatten(0, 1).transpose(0, 1), x_in.flatten(0, 1)).float()
+    if grads[1] is not None:
+        grads[1] += torch.sum(dkv, dim=(0, 1), dtype=torch.float32)
+    if not need_input:
         return None
-    d_x = torch.matmul(dkv, kv_w.to(dkv.dtype)).float()
-    if ln_w is None:
+    d_x = torch.matmul(dkv, weight.to(dkv.dtype)).float()
+    if stats is None:
         return d_x
     mean, rstd = stats
-    d_input, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
-        d_x, x.float(), [x.shape[-1]], mean, rstd, ln_w.float(), ln_b.float(), [need_input, True, True]
+    d_input, _, _ = torch.ops.aten.native_layer_norm_backward(
+        d_x, x.float(), [x.shape[-1]], mean, rstd, None, None, [True, False, False]
     )
-    grads[0] += d_w
-    grads[1] += d_b
     return d_input
 
 
@@ -185,8 +203,9 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         out = lse = None
         auxes = []
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            weight, bias = _fold(ln_w, ln_b, kv_w, kv_b)
             for i, s, e, g in _chunks(list(segments), spec.chunk_size):
-                k, v, _ = _project(segments[i][:, s:e], ln_w, ln_b, kv_w, kv_b, spec, g, dtype)
+                k, v, _, _ = _project(segments[i][:, s:e], weight, bias, spec, g, dtype, ln_w is not None)
                 o_c, lse_c, aux = fwd(qt, k, v, _bias(mask, g, g + e - s, dtype), spec.scale)
                 auxes.append(aux)
                 if out is None:
@@ -209,18 +228,22 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         dout_t = dout.transpose(1, 2).to(dtype).contiguous()
         dq = torch.zeros_like(qt, dtype=torch.float32)
         params = [ln_w, ln_b, kv_w, kv_b]
-        grads = [None if p is None else torch.zeros_like(p, dtype=torch.float32) for p in params]
         seg_needs = ctx.needs_input_grad[7:]
         seg_grads = [torch.zeros_like(seg) if need else None for seg, need in zip(segments, seg_needs)]
+        normalize = ln_w is not None
         with torch.no_grad(), torch.autocast(qt.device.type, enabled=False):
+            weight, bias = _fold(ln_w, ln_b, kv_w, kv_b)
+            grads = [torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)]
             for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size), ctx.auxes):
                 x = segments[i][:, s:e]
-                k, v, saved = _project(x, ln_w, ln_b, kv_w, kv_b, spec, g, dtype, for_backward=True)
+                # LayerNorm statistics only when the input needs a gradient: the affine lives in `weight`.
+                k, v, x_in, stats = _project(x, weight, bias, spec, g, dtype, normalize, keep_stats=seg_needs[i])
                 dq_c, dk, dv = bwd(dout_t, qt, k, v, out, lse, _bias(mask, g, g + e - s, dtype), spec.scale, aux)
                 dq += dq_c.float()
-                d_x = _project_backward(dk, dv, x, saved, ln_w, ln_b, kv_w, spec, g, grads, seg_needs[i])
+                d_x = _project_backward(dk, dv, x, x_in, stats, weight, spec, g, grads, seg_needs[i])
                 if seg_needs[i]:
                     seg_grads[i][:, s:e] = d_x.to(seg_grads[i].dtype)
+            grads = _unfold_grads(*grads, ln_w, ln_b, kv_w, kv_b)
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, params)]
         return (dq.to(dtype).transpose(1, 2), *grads, None, None, *seg_grads)
 

@@ -31,9 +31,11 @@ def _grads(model, x, mask, latents=None):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 1000])
-@pytest.mark.parametrize("rotary, zeros", [(0, None), (4, 2)])
-def test_chunked_equals_regular_with_grads(chunk, rotary, zeros):
-    cfg = small_config(cross_rotary_emb_dim=rotary, num_zero_tokens=zeros, depth=2)
+@pytest.mark.parametrize("rotary, zeros, norm, bias", [(0, None, True, False), (4, 2, True, True), (4, 1, False, True),
+                                                       (0, None, False, False)])
+def test_chunked_equals_regular_with_grads(chunk, rotary, zeros, norm, bias):
+    cfg = small_config(cross_rotary_emb_dim=rotary, num_zero_tokens=zeros, depth=2, cross_input_norm=norm,
+                       cross_qkv_bias=bias)
     regular, chunked = _pair(cfg, chunk)
     x = torch.randn(4, 11, cfg.input_dim)
     mask = torch.rand(4, 11, generator=torch.Generator().manual_seed(0)) < 0.6
@@ -44,7 +46,9 @@ def test_chunked_equals_regular_with_grads(chunk, rotary, zeros):
     torch.testing.assert_close(out_c, out_r, atol=FP32_TOL, rtol=FP32_TOL)
     assert g_r.keys() == g_c.keys()
     for name in g_r:
-        torch.testing.assert_close(g_c[name], g_r[name], atol=1e-5, rtol=1e-4, msg=name)
+        # fp32, different summation order (chunks, folded LayerNorm affine): 2e-6 of the gradient's scale
+        scale = max(1.0, g_r[name].abs().max().item())
+        torch.testing.assert_close(g_c[name], g_r[name], atol=2e-6 * scale, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -179,8 +179,9 @@ def test_chunked_cross_attention_cuda(masked):
 @pytest.mark.parametrize("impl, available", [("flash_attention_2", "flash_attn_available"),
                                              ("flash_attention_4", "flash_attn_4_available")])
 def test_optional_flash_backends_match_reference(impl, available):
-    from hf_flash_perceiver import attention as attn
+    import importlib
 
+    attn = importlib.import_module("hf_flash_perceiver.attention")  # the package's `attention` is the function
     if not getattr(attn, available)():
         pytest.skip(f"{impl}: optional package not installed on this machine")
     cfg = small_config(latent_dim=128, cross_head_dim=64, latent_head_dim=64, num_zero_tokens=1)
