@@ -16,6 +16,34 @@ from torch import Tensor, nn
 from .configuration_perceiver import PerceiverConfig
 
 
+def fourier_features(positions: Tensor, num_bands: int, max_resolution: Sequence[float]) -> Tensor:
+    r"""
+    Fourier features of points, as in the Perceiver paper.
+
+    Per axis: the position itself, then `sin(pi * f * x)` and `cos(pi * f * x)` for `num_bands` frequencies `f`
+    spaced linearly from 1 to the axis' Nyquist frequency `max_resolution / 2`.
+
+    Args:
+        positions (`torch.Tensor` of shape `(..., num_axes)`): coordinates, each axis scaled to `[-1, 1]`.
+        num_bands (`int`): frequencies per axis.
+        max_resolution (`Sequence[float]`): per axis, the number of samples the frequencies are chosen for.
+
+    Returns:
+        `torch.Tensor` of shape `(..., num_axes * (2 * num_bands + 1))` in float32: positions, then all sines, then all
+        cosines.
+    """
+    if len(max_resolution) != positions.shape[-1]:
+        raise ValueError(
+            f"`max_resolution` needs one entry per axis ({positions.shape[-1]}), got {tuple(max_resolution)}."
+        )
+    positions = positions.float()
+    freqs = torch.stack(
+        [torch.linspace(1.0, max(res / 2, 1.0), num_bands, device=positions.device) for res in max_resolution]
+    )  # (axes, bands)
+    angles = (math.pi * positions[..., None] * freqs).flatten(-2)  # (..., axes * bands)
+    return torch.cat([positions, angles.sin(), angles.cos()], dim=-1)
+
+
 def fourier_position_features(
     shape: Sequence[int],
     num_bands: int,
@@ -24,11 +52,7 @@ def fourier_position_features(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     r"""
-    Fourier features of the positions of an N-d grid, as in the Perceiver paper.
-
-    Every axis' position is scaled to `[-1, 1]`; the features of a point are, per axis, the position itself, then
-    `sin(pi * f * x)` and `cos(pi * f * x)` for `num_bands` frequencies `f` spaced linearly from 1 to the axis' Nyquist
-    frequency `max_resolution / 2`.
+    [`fourier_features`] of every point of an N-d grid, each axis spanning `[-1, 1]`.
 
     Args:
         shape (`Sequence[int]`): the grid, e.g. `(height, width)`.
@@ -41,15 +65,9 @@ def fourier_position_features(
         `torch.Tensor` of shape `(prod(shape), len(shape) * (2 * num_bands + 1))`, row-major over the grid.
     """
     max_resolution = tuple(shape) if max_resolution is None else tuple(max_resolution)
-    if len(max_resolution) != len(shape):
-        raise ValueError(f"`max_resolution` needs one entry per axis of {tuple(shape)}, got {max_resolution}.")
     axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
     positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
-    freqs = torch.stack(
-        [torch.linspace(1.0, max(res / 2, 1.0), num_bands, device=device) for res in max_resolution]
-    )  # (axes, bands)
-    angles = (math.pi * positions[..., None] * freqs).flatten(1)  # (points, axes * bands)
-    return torch.cat([positions, angles.sin(), angles.cos()], dim=-1).to(dtype)
+    return fourier_features(positions, num_bands, max_resolution).to(dtype)
 
 
 def fourier_feature_dim(num_axes: int, num_bands: int) -> int:
@@ -176,6 +194,7 @@ class PerceiverTextAdapter(nn.Module):
 __all__ = [
     "PerceiverImageAdapter",
     "PerceiverTextAdapter",
+    "fourier_features",
     "fourier_position_features",
     "fourier_feature_dim",
 ]

@@ -1,0 +1,199 @@
+"""Fine-tune a Perceiver image classifier with `Trainer` on scikit-learn's bundled 8x8 digits (no download).
+
+    python examples/train_classification.py configs/digits.yaml [key=value ...]
+
+The YAML file holds the fields of `ModelArguments`, `DataArguments` and transformers' `TrainingArguments` (parsed
+with `HfArgumentParser`); `key=value` arguments after it override single fields (values are read as YAML, e.g.
+`num_train_epochs=1`). The script trains, evaluates on the held-out test split with `compute_metrics`, saves the
+model with its image processor (and a model card), reloads it with `AutoModelForImageClassification`, and classifies
+held-out images with `pipeline("image-classification")`. It exits non-zero when the test accuracy is below
+`min_test_accuracy`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from transformers import (
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessor,
+    pipeline,
+)
+
+from hf_flash_perceiver import PerceiverConfig, PerceiverForImageClassification
+
+
+@dataclass
+class ModelArguments:
+    """The Perceiver: see `PerceiverConfig` for each field."""
+
+    depth: int = 2
+    self_per_cross_attn: int = 2
+    num_latents: int = 32
+    latent_dim: int = 64
+    cross_heads: int = 1
+    cross_head_dim: int = 32
+    latent_heads: int = 4
+    latent_head_dim: int = 16
+    patch_size: int = 1
+    num_fourier_bands: int = 4
+    pooling: str = "average"
+    classifier_dropout: float = 0.0
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataArguments:
+    """The embedded data set and the checks at the end."""
+
+    test_size: float = field(default=0.2, metadata={"help": "Fraction of the 1 797 digits held out for the test."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the stratified train/test split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on this many (quick runs)."})
+    min_test_accuracy: float | None = field(
+        default=None, metadata={"help": "Exit with status 1 when the test accuracy ends below this."}
+    )
+    torch_num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of torch (default: torch's choice, one per core)."}
+    )
+
+
+def _yaml_value(text: str):
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        raise SystemExit(f"usage: python {sys.argv[0]} CONFIG.yaml [key=value ...]")
+    values = yaml.safe_load(Path(argv[0]).read_text()) or {}
+    for override in argv[1:]:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise SystemExit(f"Overrides are key=value, got {override!r}.")
+        values[key.lstrip("-")] = _yaml_value(value)
+    return parser.parse_dict(values)
+
+
+def digits_images() -> tuple[list[Image.Image], np.ndarray]:
+    """The 8x8 digits as RGB PIL images (what an image pipeline hands the processor) and their labels."""
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 intensities to 8-bit gray
+    return [Image.fromarray(p, mode="L").convert("RGB") for p in pixels], digits.target
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images run through the image processor once; items are the dicts `Trainer` feeds the model."""
+
+    def __init__(self, images: list[Image.Image], labels: np.ndarray, processor: ViTImageProcessor):
+        self.pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def main(argv: list[str]) -> int:
+    model_args, data_args, training_args = parse_arguments(argv)
+    if data_args.torch_num_threads:
+        torch.set_num_threads(data_args.torch_num_threads)
+    start = time.perf_counter()
+
+    images, labels = digits_images()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=data_args.test_size, stratify=labels, random_state=data_args.split_seed
+    )
+    if data_args.max_train_samples is not None:
+        train_idx = train_idx[: data_args.max_train_samples]
+    # The processor is saved with the model, so the pipeline later preprocesses exactly as training did:
+    # 8x8 RGB, scaled to [0, 1] and normalised to [-1, 1].
+    processor = ViTImageProcessor(
+        size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True
+    )
+    train_set = ImageDataset([images[i] for i in train_idx], labels[train_idx], processor)
+    test_set = ImageDataset([images[i] for i in test_idx], labels[test_idx], processor)
+
+    config = PerceiverConfig(
+        num_channels=3,
+        image_size=8,
+        num_labels=10,
+        id2label={i: str(i) for i in range(10)},
+        label2id={str(i): i for i in range(10)},
+        **{k: v for k, v in vars(model_args).items() if k != "attn_implementation"},
+    )
+    torch.manual_seed(training_args.seed)
+    model = PerceiverForImageClassification._from_config(config, attn_implementation=model_args.attn_implementation)
+    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"{len(train_set)} train / {len(test_set)} test images")
+
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_set, eval_dataset=test_set,
+        compute_metrics=compute_metrics,
+    )
+    train_result = trainer.train()
+    metrics = trainer.evaluate(test_set, metric_key_prefix="test")
+
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(output_dir)
+    processor.save_pretrained(output_dir)
+    (output_dir / "README.md").write_text(model.model_card(output_dir.name), encoding="utf-8")
+
+    # Reload through the Auto class (registered by importing hf_flash_perceiver) and classify held-out images with
+    # the pipeline, which reads the saved processor.
+    reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    model.eval()
+    with torch.no_grad():
+        sample = test_set.pixel_values[:64].to(model.device)
+        reload_identical = torch.equal(reloaded.to(model.device)(sample).logits, model(sample).logits)
+    classifier = pipeline("image-classification", model=str(output_dir))
+    test_images = [images[i] for i in test_idx]
+    first = classifier(test_images[0], top_k=3)
+    predictions = classifier(test_images, top_k=1, batch_size=64)
+    pipeline_accuracy = float(np.mean([int(p[0]["label"]) == y for p, y in zip(predictions, labels[test_idx])]))
+
+    summary = {
+        "test_accuracy": round(metrics["test_accuracy"], 4),
+        "test_loss": round(metrics["test_loss"], 4),
+        "pipeline_test_accuracy": round(pipeline_accuracy, 4),
+        "reloaded_logits_identical": reload_identical,
+        "held_out_image": {"true_label": int(labels[test_idx[0]]), "pipeline_top3": first},
+        "train_loss": round(train_result.training_loss, 4),
+        "train_seconds": round(train_result.metrics["train_runtime"], 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "saved_to": str(output_dir),
+    }
+    print(json.dumps(summary, indent=2))
+    if data_args.min_test_accuracy is not None and metrics["test_accuracy"] < data_args.min_test_accuracy:
+        print(f"FAILED: test accuracy {metrics['test_accuracy']:.4f} < {data_args.min_test_accuracy}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
