@@ -94,6 +94,7 @@ def build_ours(
     cross_attention_checkpointing: bool = False,
     compile: bool = False,
     compile_mode: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> HFFlashPerceiver:
     """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
@@ -101,6 +102,8 @@ def build_ours(
     config = PerceiverConfig(**shape.as_dict(), cross_attention_checkpointing=cross_attention_checkpointing)
     model = PerceiverModel(config)
     model.set_attn_implementation(attn)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model)
 

@@ -121,6 +121,10 @@ IMPLS: dict[str, ImplSpec] = {
     "hf-flash-perceiver+xattn-ckpt": ImplSpec(
         ("seed",), lambda s, a: build_ours(s, "sdpa", cross_attention_checkpointing=True)
     ),
+    # The long-input memory mode: chunked, recomputed cross-attention plus block checkpointing of the latent path.
+    "hf-flash-perceiver+xattn-ckpt+grad-ckpt": ImplSpec(
+        ("seed",), lambda s, a: build_ours(s, "sdpa", cross_attention_checkpointing=True, gradient_checkpointing=True)
+    ),
     "hf-flash-perceiver+varlen": ImplSpec(("masked",), lambda s, a: build_ours(s, "varlen")),
     "hf-flash-perceiver+flash-attn": ImplSpec(
         ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "flash_attention_2"),

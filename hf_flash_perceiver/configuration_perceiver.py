@@ -84,7 +84,7 @@ class PerceiverConfig(PreTrainedConfig):
             Compute the cross-attention's input side (LayerNorm, key/value projection, attention) chunk by chunk
             over the keys and recompute it in backward instead of keeping it: training memory per input token drops
             to the input itself, for some recompute time. For long inputs.
-        cross_attention_chunk_size (`int`, *optional*, defaults to 65536):
+        cross_attention_chunk_size (`int`, *optional*, defaults to 131072):
             Token rows (batch x keys) per chunk with `cross_attention_checkpointing`: bounds the transient memory.
         pooling (`str`, *optional*, defaults to `"average"`):
             Latent pooling of classification heads: `"average"`, `"first"`, `"concat"` or `"query"`.
@@ -161,7 +161,7 @@ class PerceiverConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     cross_attention_checkpointing: bool = False
-    cross_attention_chunk_size: int = 65536
+    cross_attention_chunk_size: int = 131072
     # heads and input adapters
     pooling: str = "average"
     num_channels: int = 3
