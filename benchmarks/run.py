@@ -143,7 +143,7 @@ IMPLS: dict[str, ImplSpec] = {
     ),
     # CUDA graphs on top of compile: the eager step is CPU-bound at these sizes (launch overhead), graphs remove it.
     "hf-flash-perceiver+compile-cudagraphs": ImplSpec(
-        ("seed", "io"), lambda s, a: build_ours(s, "sdpa", compile=True, compile_mode="reduce-overhead"),
+        ("seed", "io", "masked"), lambda s, a: build_ours(s, "sdpa", compile=True, compile_mode="reduce-overhead"),
         compile=True,
     ),
 }
@@ -366,7 +366,8 @@ def plan(ctx: Context) -> tuple[list[Job], list[str]]:
         for config, n in compile_points(ctx):
             if config in IMPLS[impl].configs:
                 batch = dict(ctx.configs[config].points)[n]
-                jobs.append(Job(impl, config, n, batch))
+                for masked in ((True, False) if ctx.configs[config].masked else (False,)):
+                    jobs.append(Job(impl, config, n, batch, masked))
     return jobs, notes
 
 
@@ -378,7 +379,7 @@ def compile_points(ctx: Context) -> list[tuple[str, int]]:
         points = [(config, n) for config in args.configs for n in ctx.configs[config].compile_ns]
     valid = []
     for config, n in points:
-        if config not in args.configs or config not in IMPLS["hf-flash-perceiver+compile"].configs:
+        if config not in args.configs or not any(config in i.configs for i in IMPLS.values() if i.compile):
             continue
         if args.ns and n not in args.ns:
             continue
