@@ -137,7 +137,8 @@ class PerceiverImageAdapter(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         """`pixel_values (batch, num_channels, H, W)` -> tokens `(batch, (H/p) * (W/p), width)`."""
         self.check(pixel_values)
-        tokens = self.patchify(pixel_values)
+        # Processors emit float32; a model loaded in bf16/fp16 takes the pixels in its own dtype.
+        tokens = self.patchify(pixel_values.to(self.proj.weight.dtype))
         if self.position_embeddings is None:
             grid = (pixel_values.shape[2] // self.patch_size, pixel_values.shape[3] // self.patch_size)
             positions = fourier_position_features(
@@ -148,7 +149,7 @@ class PerceiverImageAdapter(nn.Module):
         return self.proj(tokens) + self.position_embeddings.weight.to(tokens.dtype)
 
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class PerceiverTextAdapter(nn.Module):
@@ -159,7 +160,6 @@ class PerceiverTextAdapter(nn.Module):
 
     def __init__(self, config: PerceiverConfig, width: int):
         super().__init__()
-        self.vocab_size = config.vocab_size
         self.max_positions = config.max_position_embeddings
         self.token_embeddings = nn.Embedding(config.vocab_size, width)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
@@ -169,7 +169,7 @@ class PerceiverTextAdapter(nn.Module):
             raise TypeError(f"`input_ids` must be a tensor of shape (batch, seq_len), got {type(input_ids).__name__}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-        if input_ids.dtype not in _INTEGER_DTYPES:
+        if input_ids.dtype not in INTEGER_DTYPES:
             raise TypeError(f"`input_ids` must be integer token ids (torch.long), got dtype {input_ids.dtype}.")
         if input_ids.shape[1] > self.max_positions:
             raise ValueError(
@@ -178,10 +178,12 @@ class PerceiverTextAdapter(nn.Module):
         # An out-of-range id would otherwise surface as an IndexError (CPU) or a device-side assert (CUDA). Eager
         # mode only: the check syncs with the host, which a compiled graph cannot do.
         if not torch.compiler.is_compiling() and input_ids.numel():
+            # The table's own size, not a copy of config.vocab_size: resize_token_embeddings replaces the table.
+            vocab_size = self.token_embeddings.num_embeddings
             low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.vocab_size:
+            if low < 0 or high >= vocab_size:
                 raise ValueError(
-                    f"`input_ids` must be in [0, {self.vocab_size}) (config.vocab_size), got values in [{low}, {high}]."
+                    f"`input_ids` must be in [0, {vocab_size}) (config.vocab_size), got values in [{low}, {high}]."
                 )
 
     def forward(self, input_ids: Tensor) -> Tensor:

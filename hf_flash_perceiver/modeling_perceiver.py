@@ -17,7 +17,7 @@ from .attention import KeyPaddingMask, check_attn_implementation
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput
 from .hub_perceiver import PerceiverHubMixin
-from .input_adapters import PerceiverImageAdapter, PerceiverTextAdapter
+from .input_adapters import INTEGER_DTYPES, PerceiverImageAdapter, PerceiverTextAdapter
 from .layers import (
     PerceiverBlock,
     PerceiverRotaryEmbedding,
@@ -555,9 +555,6 @@ class PerceiverClassificationHead(nn.Module):
         return self.classifier(self.dropout(self.norm(self.pool(latents))))
 
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
 def _mean_over_items(loss_sum: Tensor, count: Tensor | int, num_items_in_batch: Tensor | int | None) -> Tensor:
     """Turn a summed loss into a mean over labelled items.
 
@@ -598,7 +595,7 @@ def infer_problem_type(num_labels: int, labels: Tensor) -> str:
     """transformers' rule: one label is regression; integer labels are single-label classes; else multi-label."""
     if num_labels == 1:
         return "regression"
-    if labels.dtype in _INTEGER_DTYPES:
+    if labels.dtype in INTEGER_DTYPES:
         return "single_label_classification"
     return "multi_label_classification"
 
@@ -625,7 +622,7 @@ def classification_loss(
         error = logits.float().view(batch, num_labels) - labels.float().view(batch, num_labels)
         loss = _mean_over_items(error.square().sum(), labels.numel(), num_items_in_batch)
     elif problem_type == "single_label_classification":
-        if labels.dtype not in _INTEGER_DTYPES or tuple(labels.shape) not in ((batch,), (batch, 1)):
+        if labels.dtype not in INTEGER_DTYPES or tuple(labels.shape) not in ((batch,), (batch, 1)):
             raise ValueError(
                 f"Single-label classification labels must be integer class ids (torch.long) of shape ({batch},), "
                 f"{got}. (Multi-label classification takes float multi-hot labels of shape ({batch}, {num_labels}).)"
@@ -686,7 +683,7 @@ def masked_lm_loss(
     padded positions (`attention_mask` 0) are ignored."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"`labels` must be a tensor, got {_type_name(labels)}.")
-    if labels.dtype not in _INTEGER_DTYPES or tuple(labels.shape) != tuple(logits.shape[:2]):
+    if labels.dtype not in INTEGER_DTYPES or tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(
             f"Masked-LM labels must be integer token ids (torch.long, -100 = ignore) of shape (batch, seq_len) = "
             f"{tuple(logits.shape[:2])}, got dtype {labels.dtype} of shape {tuple(labels.shape)}."
