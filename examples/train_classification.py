@@ -2,17 +2,15 @@
 
     python examples/train_classification.py configs/digits.yaml [key=value ...]
 
-The YAML file holds the fields of `ModelArguments`, `DataArguments` and transformers' `TrainingArguments` (parsed
-with `HfArgumentParser`); `key=value` arguments after it override single fields (values are read as YAML, e.g.
-`num_train_epochs=1`). The script trains, evaluates on the held-out test split with `compute_metrics`, saves the
-model with its image processor (and a model card), reloads it with `AutoModelForImageClassification`, and classifies
-held-out images with `pipeline("image-classification")`. It exits non-zero when the test accuracy is below
-`min_test_accuracy`.
+The YAML file holds the fields of `ModelArguments`, `DataArguments`, `RuntimeArguments` and `TrainingArguments`
+(see example_args.py); `key=value` arguments after it override single fields (`num_train_epochs=1`). The script
+trains, evaluates on the held-out test split with `compute_metrics`, saves the model with its image processor (and a
+model card), reloads it with `AutoModelForImageClassification`, and classifies held-out images with
+`pipeline("image-classification")`. It exits non-zero when the test accuracy is below `min_test_accuracy`.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,18 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from transformers import (
     AutoModelForImageClassification,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     ViTImageProcessor,
     pipeline,
 )
+
+from example_args import RuntimeArguments, parse_config, report
 
 from hf_flash_perceiver import PerceiverConfig, PerceiverForImageClassification
 
@@ -65,32 +63,10 @@ class DataArguments:
     min_test_accuracy: float | None = field(
         default=None, metadata={"help": "Exit with status 1 when the test accuracy ends below this."}
     )
-    torch_num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads of torch (default: torch's choice, one per core)."}
-    )
 
 
-def _yaml_value(text: str):
-    value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if not argv or not argv[0].endswith((".yaml", ".yml")):
-        raise SystemExit(f"usage: python {sys.argv[0]} CONFIG.yaml [key=value ...]")
-    values = yaml.safe_load(Path(argv[0]).read_text()) or {}
-    for override in argv[1:]:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise SystemExit(f"Overrides are key=value, got {override!r}.")
-        values[key.lstrip("-")] = _yaml_value(value)
-    return parser.parse_dict(values)
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RuntimeArguments, TrainingArguments]:
+    return parse_config((ModelArguments, DataArguments, RuntimeArguments, TrainingArguments), argv)
 
 
 def digits_images() -> tuple[list[Image.Image], np.ndarray]:
@@ -120,9 +96,8 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    model_args, data_args, training_args = parse_arguments(argv)
-    if data_args.torch_num_threads:
-        torch.set_num_threads(data_args.torch_num_threads)
+    model_args, data_args, runtime_args, training_args = parse_arguments(argv)
+    runtime_args.apply()
     start = time.perf_counter()
 
     images, labels = digits_images()
@@ -188,11 +163,7 @@ def main(argv: list[str]) -> int:
         "total_seconds": round(time.perf_counter() - start, 1),
         "saved_to": str(output_dir),
     }
-    print(json.dumps(summary, indent=2))
-    if data_args.min_test_accuracy is not None and metrics["test_accuracy"] < data_args.min_test_accuracy:
-        print(f"FAILED: test accuracy {metrics['test_accuracy']:.4f} < {data_args.min_test_accuracy}")
-        return 1
-    return 0
+    return report(summary, "test_accuracy", data_args.min_test_accuracy)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ non-zero when R^2 ends below `min_test_r2`.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -25,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
+
+from example_args import RuntimeArguments, parse_config, report
 
 from hf_flash_perceiver import PerceiverConfig, PerceiverIOForRegression
 from hf_flash_perceiver.input_adapters import fourier_features
@@ -63,32 +63,10 @@ class DataArguments:
     test_samples: int = 512
     signal_seed: int = 0
     min_test_r2: float | None = field(default=None, metadata={"help": "Exit with status 1 below this test R^2."})
-    torch_num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads of torch (default: torch's choice, one per core)."}
-    )
 
 
-def _yaml_value(text: str):
-    value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if not argv or not argv[0].endswith((".yaml", ".yml")):
-        raise SystemExit(f"usage: python {sys.argv[0]} CONFIG.yaml [key=value ...]")
-    values = yaml.safe_load(Path(argv[0]).read_text()) or {}
-    for override in argv[1:]:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise SystemExit(f"Overrides are key=value, got {override!r}.")
-        values[key.lstrip("-")] = _yaml_value(value)
-    return parser.parse_dict(values)
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RuntimeArguments, TrainingArguments]:
+    return parse_config((ModelArguments, DataArguments, RuntimeArguments, TrainingArguments), argv)
 
 
 class SignalDataset(torch.utils.data.Dataset):
@@ -157,9 +135,8 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    model_args, data_args, training_args = parse_arguments(argv)
-    if data_args.torch_num_threads:
-        torch.set_num_threads(data_args.torch_num_threads)
+    model_args, data_args, runtime_args, training_args = parse_arguments(argv)
+    runtime_args.apply()
     start = time.perf_counter()
     train_set = SignalDataset(data_args, data_args.train_samples, data_args.signal_seed)
     test_set = SignalDataset(data_args, data_args.test_samples, data_args.signal_seed + 1)
@@ -208,11 +185,7 @@ def main(argv: list[str]) -> int:
         "total_seconds": round(time.perf_counter() - start, 1),
         "saved_to": str(output_dir),
     }
-    print(json.dumps(summary, indent=2))
-    if data_args.min_test_r2 is not None and metrics["test_r2"] < data_args.min_test_r2:
-        print(f"FAILED: test R^2 {metrics['test_r2']:.4f} < {data_args.min_test_r2}")
-        return 1
-    return 0
+    return report(summary, "test_r2", data_args.min_test_r2)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,8 @@ class PerceiverHubMixin:
             "depth (cross-attention blocks)": config.depth,
             "self-attentions per block": config.self_per_cross_attn,
             "latents": f"{config.num_latents} x {config.latent_dim}",
-            "cross-attention": f"{config.cross_heads} heads x {config.cross_head_dim}",
-            "latent self-attention": f"{config.latent_heads} heads x {config.latent_head_dim}",
+            "cross-attention (heads x head width)": f"{config.cross_heads} x {config.cross_head_dim}",
+            "latent self-attention (heads x head width)": f"{config.latent_heads} x {config.latent_head_dim}",
             "input width": config.input_dim,
         }
         for field in self._hub_card_fields:

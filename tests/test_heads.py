@@ -22,7 +22,6 @@ from transformers import (
 )
 
 from hf_flash_perceiver import (
-    PerceiverConfig,
     PerceiverForImageClassification,
     PerceiverForMaskedLM,
     PerceiverForSequenceClassification,
@@ -32,23 +31,7 @@ from hf_flash_perceiver import (
 )
 from hf_flash_perceiver.input_adapters import fourier_position_features
 
-
-def tiny(**kw) -> PerceiverConfig:
-    base = dict(
-        depth=2, num_latents=4, latent_dim=16, cross_heads=2, cross_head_dim=8, latent_heads=2, latent_head_dim=8,
-        query_heads=2, query_head_dim=8, image_size=8, patch_size=2, num_fourier_bands=3, max_position_embeddings=16,
-    )
-    base.update(kw)
-    return PerceiverConfig(**base)
-
-
-def perturbed(model, seed=0):
-    """Every parameter moved off its initial value, so that a mix-up between two of them cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+from heads_common import perturbed, tiny
 
 
 def image_batch(batch=3, channels=3, size=8, seed=0):

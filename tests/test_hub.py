@@ -28,19 +28,16 @@ from hf_flash_perceiver import (
     PerceiverModel,
 )
 
+import heads_common
+from heads_common import perturbed
+
 
 CODE_FILES = {"modeling_perceiver.py", "configuration_perceiver.py", "layers.py", "attention.py", "input_adapters.py",
               "hub_perceiver.py"}
 
 
 def tiny(**kw) -> PerceiverConfig:
-    base = dict(
-        depth=2, num_latents=4, latent_dim=16, cross_heads=2, cross_head_dim=8, latent_heads=2, latent_head_dim=8,
-        query_heads=2, query_head_dim=8, image_size=8, patch_size=2, num_fourier_bands=3, max_position_embeddings=16,
-        latent_rotary_emb_dim=4,
-    )
-    base.update(kw)
-    return PerceiverConfig(**base)
+    return heads_common.tiny(**{"latent_rotary_emb_dim": 4, **kw})
 
 
 # name: (build, the Auto class it loads with, its inputs, the output field compared)
@@ -73,12 +70,7 @@ def unregister():
 def build(name: str, seed: int = 0):
     make, auto, inputs, field = MODELS[name]
     torch.manual_seed(seed)
-    model = make()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval(), auto, inputs(), field
+    return perturbed(make(), seed), auto, inputs(), field
 
 
 def save_registered(name: str, folder: Path) -> None:

@@ -22,17 +22,14 @@ from hf_flash_perceiver import (
     PerceiverIOForRegression,
 )
 
+import heads_common
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(**kw) -> PerceiverConfig:
-    base = dict(
-        depth=1, num_latents=4, latent_dim=16, cross_heads=2, cross_head_dim=8, latent_heads=2, latent_head_dim=8,
-        query_heads=2, query_head_dim=8, image_size=8, patch_size=4, num_fourier_bands=2, max_position_embeddings=12,
-    )
-    base.update(kw)
-    return PerceiverConfig(**base)
+    return heads_common.tiny(**{"depth": 1, "patch_size": 4, "num_fourier_bands": 2, "max_position_embeddings": 12, **kw})
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -211,7 +208,8 @@ def test_peft_lora_trains_saves_and_loads(tmp_path):
         assert torch.equal(loaded(pixel_values=x).logits, expected)
 
 
-def _load_example(name: str):
+def _load_example(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # as `python examples/<name>.py` has it: example_args
     spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -232,8 +230,8 @@ def _summary(printed: str) -> dict:
     return json.loads(printed[printed.index("{\n"): printed.rindex("}") + 1])
 
 
-def test_classification_example_end_to_end(tmp_path, capsys, example_side_effects):
-    example = _load_example("train_classification")
+def test_classification_example_end_to_end(tmp_path, capsys, monkeypatch, example_side_effects):
+    example = _load_example("train_classification", monkeypatch)
     # Two steps cannot reach the accuracy asked for: the run must say so and exit 1, after saving and reloading.
     status = example.main([
         str(ROOT / "configs" / "digits.yaml"), "max_steps=2", f"output_dir={tmp_path}", "min_test_accuracy=1.01",
@@ -241,7 +239,7 @@ def test_classification_example_end_to_end(tmp_path, capsys, example_side_effect
     ])
     printed = capsys.readouterr().out
     summary = _summary(printed)
-    assert status == 1 and "FAILED: test accuracy" in printed
+    assert status == 1 and "FAILED: test_accuracy" in printed
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
         assert (tmp_path / name).exists(), name
     assert summary["reloaded_logits_identical"] is True
@@ -250,8 +248,8 @@ def test_classification_example_end_to_end(tmp_path, capsys, example_side_effect
     assert summary["held_out_image"]["pipeline_top3"][0]["label"] in [str(i) for i in range(10)]
 
 
-def test_io_example_end_to_end(tmp_path, capsys, example_side_effects):
-    example = _load_example("train_io_regression")
+def test_io_example_end_to_end(tmp_path, capsys, monkeypatch, example_side_effects):
+    example = _load_example("train_io_regression", monkeypatch)
     status = example.main([
         str(ROOT / "configs" / "io_signal.yaml"), "max_steps=5", "train_samples=64", "test_samples=16",
         f"output_dir={tmp_path}", "min_test_r2=null", "disable_tqdm=true",
