@@ -63,3 +63,20 @@ def test_compile_fullgraph_matches_eager_with_a_mask():
 def test_compile_fullgraph_with_cross_attention_checkpointing():
     # The chunked, recomputing cross-attention is a custom autograd.Function: its backward must trace too.
     check_compiled_matches_eager(tiny_config(cross_attention_checkpointing=True))
+
+
+def test_trainer_torch_compile(tmp_path):
+    """`Trainer(torch_compile=True)` trains a head: the loss is finite and falls, and the compiled graph is in use."""
+    from transformers import Trainer
+
+    from test_trainer import args, logged_losses, make_case
+
+    torch._dynamo.reset()
+    model, data = make_case("sequence")
+    trainer = Trainer(model=model, args=args(tmp_path, torch_compile=True, max_steps=12), train_dataset=data)
+    trainer.train()
+    losses = logged_losses(trainer)
+    torch._dynamo.reset()
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert hasattr(trainer.model_wrapped, "_orig_mod") or hasattr(trainer.model, "_orig_mod"), "model was not compiled"
