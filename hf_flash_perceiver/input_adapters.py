@@ -180,7 +180,8 @@ class PerceiverTextAdapter(nn.Module):
         if not torch.compiler.is_compiling() and input_ids.numel():
             # The table's own size, not a copy of config.vocab_size: resize_token_embeddings replaces the table.
             vocab_size = self.token_embeddings.num_embeddings
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = torch.aminmax(input_ids)  # one host sync for both bounds
+            low, high = int(low), int(high)
             if low < 0 or high >= vocab_size:
                 raise ValueError(
                     f"`input_ids` must be in [0, {vocab_size}) (config.vocab_size), got values in [{low}, {high}]."
