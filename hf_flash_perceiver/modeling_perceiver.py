@@ -203,21 +203,43 @@ class PerceiverEncoder(nn.Module):
         """
         tensors, masks = self.normalize_inputs(inputs, attention_mask)
         prepared: list[CrossInput] = []
-        cache: dict[tuple[int, int], CrossInput] = {}
+        seen: list[tuple[Tensor, Tensor | None, CrossInput]] = []
         for i, (x, mask) in enumerate(zip(tensors, masks)):
-            key = (id(x), id(mask))
-            if key not in cache:
-                cache[key] = self._prepare_one(i, x, mask)
-            prepared.append(cache[key])
+            # Identity, not equality: the same tensor object passed for several blocks is prepared once.
+            # (`is` rather than an id()-keyed dict: torch.compile traces it on every supported torch.)
+            found = next((c for x0, m0, c in seen if x0 is x and m0 is mask), None)
+            if found is None:
+                found = self._prepare_one(i, x, mask)
+                seen.append((x, mask, found))
+            prepared.append(found)
             if prepared[i].tokens.shape[0] != prepared[0].tokens.shape[0]:
                 raise ValueError(
                     f"All inputs must share one batch size; input 0 has {prepared[0].tokens.shape[0]}, "
                     f"input {i} has {prepared[i].tokens.shape[0]}."
                 )
         if self.zero_tokens is not None:
-            extended: dict[int, KeyPaddingMask] = {}
+            extended: list[tuple[KeyPaddingMask, KeyPaddingMask]] = []
             prepared = [self._add_zero_tokens(i, c, extended) for i, c in enumerate(prepared)]
+        if self.config.cross_input_norm and not self.config.cross_attention_checkpointing:
+            normalized: list[tuple[Tensor, Tensor]] = []
+            prepared = [self._normalize(c, normalized) for c in prepared]
         return prepared
+
+    def _normalize(self, context: CrossInput, cache: list[tuple[Tensor, Tensor]]) -> CrossInput:
+        """LayerNorm (no affine) of an input, once for all blocks that read it; blocks fold their own affine into
+        their key/value projection. Stored in the autocast dtype: it is what the projection consumes."""
+
+        def norm(x: Tensor) -> Tensor:
+            found = next((y for x0, y in cache if x0 is x), None)
+            if found is None:
+                found = F.layer_norm(x, (x.shape[-1],), None, None, self.config.layer_norm_eps)
+                if torch.is_autocast_enabled(x.device.type):
+                    found = found.to(torch.get_autocast_dtype(x.device.type))
+                cache.append((x, found))
+            return found
+
+        prefix = None if context.prefix is None else norm(context.prefix)
+        return CrossInput(norm(context.tokens), context.mask, prefix, normalized=True)
 
     def _prepare_one(self, i: int, x: Tensor, mask: Tensor | None) -> CrossInput:
         if not isinstance(x, Tensor):
@@ -253,15 +275,19 @@ class PerceiverEncoder(nn.Module):
         x = x.masked_fill(~mask[..., None], 0.0)
         return CrossInput(x, KeyPaddingMask.from_mask(mask))
 
-    def _add_zero_tokens(self, i: int, context: CrossInput, extended: dict[int, KeyPaddingMask]) -> CrossInput:
+    def _add_zero_tokens(
+        self, i: int, context: CrossInput, extended: list[tuple[KeyPaddingMask, KeyPaddingMask]]
+    ) -> CrossInput:
         x, mask = context.tokens, context.mask
         prefix = self.zero_tokens[i].to(x.dtype).expand(x.shape[0], -1, -1)
         if mask is not None:
             # Zero tokens are always attendable; blocks sharing one input share the extended mask too.
-            if id(mask) not in extended:
+            found = next((m1 for m0, m1 in extended if m0 is mask), None)
+            if found is None:
                 ones = mask.mask.new_ones(x.shape[0], prefix.shape[1])
-                extended[id(mask)] = KeyPaddingMask.from_mask(torch.cat([ones, mask.mask & mask.has_keys[:, None]], 1))
-            mask = extended[id(mask)]
+                found = KeyPaddingMask.from_mask(torch.cat([ones, mask.mask & mask.has_keys[:, None]], 1))
+                extended.append((mask, found))
+            mask = found
         return CrossInput(x, mask, prefix)
 
     # ------------------------------------------------------------------ forward
