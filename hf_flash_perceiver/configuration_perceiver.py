@@ -65,7 +65,9 @@ class PerceiverConfig(PreTrainedConfig):
         mlp_residual (`bool`, *optional*, defaults to `True`):
             Residual connection around the MLP. `flash-perceiver` 0.2.0 had none (`False` reproduces it).
         cross_input_norm (`bool`, *optional*, defaults to `True`):
-            LayerNorm the inputs before the cross-attention's key/value projection (`False` as in the seed).
+            LayerNorm the inputs before the cross-attention's key/value projection (`False` as in the seed). Over
+            very narrow inputs LayerNorm discards information (over 2 features it outputs +-1, over 1 feature 0,
+            which is refused): turn it off, or embed such inputs first.
         cross_qkv_bias (`bool`, *optional*, defaults to `False`):
             Bias on the cross-attention's query/key/value projections.
         latent_qkv_bias (`bool`, *optional*, defaults to `False`):
@@ -258,6 +260,12 @@ class PerceiverConfig(PreTrainedConfig):
                     raise ValueError(f"Every `input_dim` entry must be a positive integer, got {self.input_dim!r}.")
         elif self.input_dim is not None:
             positive("input_dim")
+        if self.cross_input_norm and self.input_dim is not None and 1 in self.input_dims:
+            # LayerNorm over a single feature is identically zero: the model would never see the input's values.
+            raise ValueError(
+                f"`input_dim` {self.input_dim!r} has a width of 1, which `cross_input_norm=True` (LayerNorm over the "
+                "features) maps to 0: set `cross_input_norm=False` or embed the input to a wider feature first."
+            )
 
         if self.input_names is not None:
             if len(self.input_names) != self.depth or len(set(self.input_names)) != len(self.input_names):

@@ -101,6 +101,10 @@ def seed_config(
             extra["mlp_hidden_size"] = mlp_hidden_size or seed_mlp_hidden_size(latent_dim)
     elif mlp_hidden_size is not None:
         extra["mlp_hidden_size"] = mlp_hidden_size
+    widths = list(input_dim) if isinstance(input_dim, (list, tuple)) else [input_dim]
+    if 1 in widths:
+        # The seed never normalised inputs; over one feature LayerNorm would erase the input, so keep them raw.
+        extra["cross_input_norm"] = False
     return PerceiverConfig(
         input_dim=list(input_dim) if isinstance(input_dim, (list, tuple)) else input_dim,
         depth=depth,

@@ -116,6 +116,7 @@ def test_config_round_trip(tmp_path):
         (dict(input_names=["a"], depth=2), "input_names"),
         (dict(latent_drop=1.0), "latent_drop"),
         (dict(pooling="max"), "pooling"),
+        (dict(input_dim=[3, 1], depth=2), "width of 1"),
     ],
 )
 def test_config_invalid(kwargs, match):

@@ -272,3 +272,15 @@ def test_bad_input_from_the_hf_model_surfaces():
         model(torch.randn(2, 4, 12), mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="`input_dim` is a list of 2 widths but `depth` is 3"):
         Perceiver(input_dim=[3, 4], depth=3)
+
+
+def test_one_feature_inputs_stay_raw():
+    # The seed takes input_dim=1 (e.g. a scalar signal); LayerNorm over one feature would erase it.
+    import torch
+
+    from hf_flash_perceiver import Perceiver
+
+    model = Perceiver(input_dim=1, depth=1, num_latents=4, latent_dim=16, latent_heads=2, latent_head_dim=8).eval()
+    assert model.model.config.cross_input_norm is False
+    x = torch.randn(2, 5, 1)
+    assert not torch.allclose(model(x), model(x * 3))
