@@ -27,6 +27,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,17 @@ def _dense_query_seqlens(query: Tensor) -> Tensor:
     return torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
 
 
+def _packed_varlen(kernel: Callable, query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask):
+    """Dense queries over the mask's packed keys through a varlen kernel called as
+    `kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)` (every varlen API shares that order)."""
+    batch, q_len, heads, head_dim = query.shape
+    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
+    queries = query.reshape(batch * q_len, heads, head_dim)
+    out = kernel(queries, k, v, _dense_query_seqlens(query), cu_seqlens_k, q_len, max_k)
+    out = out[0] if isinstance(out, tuple) else out  # some kernels also return the log-sum-exp
+    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+
+
 def varlen_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
 ) -> tuple[Tensor, None]:
@@ -146,12 +158,7 @@ def varlen_attention(
         raise ValueError("attn_implementation='varlen' has no attention dropout; use 'sdpa' or set dropout to 0.")
     from torch.nn.attention.varlen import varlen_attn
 
-    batch, q_len, heads, head_dim = query.shape
-    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
-    out = varlen_attn(
-        query.reshape(batch * q_len, heads, head_dim), k, v, _dense_query_seqlens(query), cu_seqlens_k, q_len, max_k
-    )
-    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+    return _packed_varlen(varlen_attn, query, key, value, mask)
 
 
 def flash_attn_available() -> bool:
@@ -176,13 +183,7 @@ def flash_attention_2(
 
     if mask is None:
         return flash_attn_func(query, key, value, dropout_p=dropout, softmax_scale=scale), None
-    batch, q_len, heads, head_dim = query.shape
-    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
-    out = flash_attn_varlen_func(
-        query.reshape(batch * q_len, heads, head_dim), k, v, _dense_query_seqlens(query), cu_seqlens_k,
-        q_len, max_k, dropout_p=dropout, softmax_scale=scale,
-    )
-    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+    return _packed_varlen(partial(flash_attn_varlen_func, dropout_p=dropout, softmax_scale=scale), query, key, value, mask)
 
 
 def flash_attn_4_available() -> bool:
@@ -213,14 +214,12 @@ def flash_attention_4(
     if mask is None:
         out = flash_attn_func(query, key, value, softmax_scale=scale)
         return (out[0] if isinstance(out, tuple) else out), None
-    batch, q_len, heads, head_dim = query.shape
-    k, v, cu_seqlens_k, max_k = _pack_keys(key, value, mask)
-    out = flash_attn_varlen_func(
-        query.reshape(batch * q_len, heads, head_dim), k, v, cu_seqlens_q=_dense_query_seqlens(query),
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=q_len, max_seqlen_k=max_k, softmax_scale=scale,
-    )
-    out = out[0] if isinstance(out, tuple) else out
-    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):  # flash_attn.cute's varlen takes these by keyword
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                      max_seqlen_k=max_k, softmax_scale=scale)
+
+    return _packed_varlen(kernel, query, key, value, mask)
 
 
 AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
