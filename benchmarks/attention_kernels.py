@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from hf_flash_perceiver.attention import KeyPaddingMask, attention
+from hf_flash_perceiver.attention import KeyPaddingMask, attention, flash_attn_4_available, flash_attn_available
 
 
 def time_ms(fn, iters=20, warmup=5):
@@ -40,8 +40,13 @@ def main():
     lengths = torch.randint(N // 4, N + 1, (B,), device="cuda")
     mask = torch.arange(N, device="cuda")[None] < lengths[:, None]
     records = []
-    for name, impl, m in [("unmasked sdpa", "sdpa", None), ("masked sdpa (cuDNN forced)", "sdpa", mask),
-                          ("masked varlen", "varlen", mask)]:
+    cases = [("unmasked sdpa", "sdpa", None), ("masked sdpa (cuDNN forced)", "sdpa", mask),
+             ("masked varlen", "varlen", mask)]
+    for available, impl, label in [(flash_attn_available, "flash_attention_2", "flash-attn 2"),
+                                   (flash_attn_4_available, "flash_attention_4", "flash-attn 4")]:
+        if available():
+            cases += [(f"unmasked {label}", impl, None), (f"masked {label} (varlen)", impl, mask)]
+    for name, impl, m in cases:
         def step():
             kpm = KeyPaddingMask.from_mask(m) if m is not None else None
             out, _ = attention(q, k, v, kpm, implementation=impl)

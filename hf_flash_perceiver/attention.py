@@ -162,7 +162,11 @@ def varlen_attention(
 
 
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    # `flash_attn` alone is not enough: flash-attn-4 installs a `flash_attn` namespace holding only `cute`.
+    try:
+        return importlib.util.find_spec("flash_attn.flash_attn_interface") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def require_flash_attn() -> None:
