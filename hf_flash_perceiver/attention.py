@@ -169,13 +169,17 @@ def flash_attn_available() -> bool:
         return False
 
 
-def require_flash_attn() -> None:
-    if not flash_attn_available():
+def _require(available: Callable[[], bool], backend: str, package: str, install: str) -> None:
+    """Our own error for an optional kernel package that is missing: it names the install command."""
+    if not available():
         raise ImportError(
-            "attn_implementation='flash_attention_2' needs the optional `flash-attn` package, which is not installed. "
-            f"Install it with `{FLASH_ATTN_INSTALL}`, or use attn_implementation='sdpa' (PyTorch's built-in "
-            "FlashAttention-2/cuDNN kernels)."
+            f"attn_implementation='{backend}' needs the optional {package}, which is not installed. Install it with "
+            f"`{install}`, or use attn_implementation='sdpa' (PyTorch's built-in FlashAttention-2/cuDNN kernels)."
         )
+
+
+def require_flash_attn() -> None:
+    _require(flash_attn_available, "flash_attention_2", "`flash-attn` package", FLASH_ATTN_INSTALL)
 
 
 def flash_attention_2(
@@ -198,12 +202,8 @@ def flash_attn_4_available() -> bool:
 
 
 def require_flash_attn_4() -> None:
-    if not flash_attn_4_available():
-        raise ImportError(
-            "attn_implementation='flash_attention_4' needs the optional `flash-attn-4` package (FlashAttention-4 "
-            f"CuTe-DSL kernels, `flash_attn.cute`), which is not installed. Install it with `{FLASH_ATTN_4_INSTALL}`, "
-            "or use attn_implementation='sdpa'."
-        )
+    _require(flash_attn_4_available, "flash_attention_4",
+             "`flash-attn-4` package (FlashAttention-4 CuTe-DSL kernels, `flash_attn.cute`)", FLASH_ATTN_4_INSTALL)
 
 
 def flash_attention_4(
