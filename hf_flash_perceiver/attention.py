@@ -152,10 +152,11 @@ def _packed_varlen(kernel: Callable, query: Tensor, key: Tensor, value: Tensor, 
 def varlen_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
 ) -> tuple[Tensor, None]:
+    if dropout > 0 and mask is not None:
+        # Checked on every device, so that a config that cannot run on the GPU fails the same way on a CPU.
+        raise ValueError("attn_implementation='varlen' has no attention dropout; use 'sdpa' or set dropout to 0.")
     if mask is None or not (query.is_cuda and query.dtype in HALF_DTYPES):
         return sdpa_attention(query, key, value, mask, scale=scale, dropout=dropout)
-    if dropout > 0:
-        raise ValueError("attn_implementation='varlen' has no attention dropout; use 'sdpa' or set dropout to 0.")
     from torch.nn.attention.varlen import varlen_attn
 
     return _packed_varlen(varlen_attn, query, key, value, mask)
@@ -209,9 +210,9 @@ def require_flash_attn_4() -> None:
 def flash_attention_4(
     query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
 ) -> tuple[Tensor, None]:
-    require_flash_attn_4()
     if dropout > 0:
         raise ValueError("attn_implementation='flash_attention_4' has no attention dropout; set it to 0 or use 'sdpa'.")
+    require_flash_attn_4()
     # Imported here: the package is optional and only this backend needs it.
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 

@@ -413,6 +413,14 @@ def test_flash_attention_4_without_package(monkeypatch):
         PerceiverModel._from_config(small_config(), attn_implementation="flash_attention_4")
 
 
+@pytest.mark.parametrize("impl", ["varlen", "flash_attention_4"])
+def test_backends_without_dropout_refuse_it(impl):
+    q = torch.randn(2, 3, 1, 8)
+    mask = KeyPaddingMask.from_mask(torch.tensor([[1, 1, 0], [1, 0, 0]]).bool())
+    with pytest.raises(ValueError, match="no attention dropout"):
+        attention(q, q, q, mask, implementation=impl, dropout=0.1)
+
+
 def _grads(model, x, mask):
     model.zero_grad()
     out = model(x, mask).last_hidden_state
