@@ -480,3 +480,16 @@ def test_bad_input(model, call, err, match):
 def test_package_registers_auto_classes():
     assert hf_flash_perceiver.PerceiverModel is PerceiverModel
     assert AutoConfig.for_model("flash_perceiver").__class__.__module__.startswith("hf_flash_perceiver")
+
+
+def test_dict_inputs_need_names_and_known_mask_keys(model):
+    unnamed = build(small_config(input_dim=[5, 7]))
+    with pytest.raises(ValueError, match="input_names"):
+        unnamed({"a": torch.randn(2, 4, 5), "b": torch.randn(2, 4, 7)})
+    inputs = {"a": torch.randn(2, 4, 5), "b": torch.randn(2, 4, 7)}
+    with pytest.raises(ValueError, match=r"unknown keys \['c'\]"):
+        model(inputs, {"c": torch.ones(2, 4, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="must be a dict like `inputs`"):
+        model(inputs, [None, None])
+    with pytest.raises(TypeError, match="must be a tensor when `inputs` is a tensor"):
+        build(small_config())(torch.randn(2, 4, 12), [None, None])
