@@ -91,9 +91,13 @@ class PerceiverAttention(nn.Module):
         dropout: float = 0.0,
         kv_dim: int | None = None,
         qkv_bias: bool = False,
+        chunked: bool = False,
     ):
         super().__init__()
         self.config = config
+        # Chunked, recomputed cross-attention (`config.cross_attention_checkpointing`): only the encoder's
+        # cross-attention over the inputs, whose length is the point; decoders attend to the few latents.
+        self.chunked = chunked
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.dropout = dropout
@@ -134,7 +138,7 @@ class PerceiverAttention(nn.Module):
             (query,) = self._heads(self.q_proj(hidden_states), 1)
             if self.rotary is not None:
                 query = self.rotary.rotate(query)
-            if self.config.cross_attention_checkpointing and not output_attentions:
+            if self.chunked and not output_attentions:
                 # Long inputs: keys/values chunk by chunk, recomputed in backward (see cross_attention.py).
                 out = chunked_cross_attention(
                     query, context, context_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
@@ -178,6 +182,7 @@ class PerceiverBlock(GradientCheckpointingLayer):
         dropout: float = 0.0,
         kv_dim: int | None = None,
         qkv_bias: bool = False,
+        chunked: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -185,7 +190,7 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self.context_norm = (
             nn.LayerNorm(kv_dim, eps=config.layer_norm_eps) if is_cross and config.cross_input_norm else None
         )
-        self.attn = PerceiverAttention(config, dim, num_heads, head_dim, rotary_dim, dropout, kv_dim, qkv_bias)
+        self.attn = PerceiverAttention(config, dim, num_heads, head_dim, rotary_dim, dropout, kv_dim, qkv_bias, chunked)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = PerceiverMLP(config, dim)
         self.mlp_residual = config.mlp_residual
@@ -211,6 +216,7 @@ def cross_attention_block(config: PerceiverConfig, input_dim: int) -> PerceiverB
     return PerceiverBlock(
         config, config.latent_dim, config.cross_heads, config.cross_head_dim, config.cross_rotary_emb_dim,
         config.cross_attn_dropout, kv_dim=input_dim, qkv_bias=config.cross_qkv_bias,
+        chunked=config.cross_attention_checkpointing,
     )
 
 

@@ -123,6 +123,23 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
+def as_bool_mask(mask, name: str, dims: str, expected: tuple[int, ...]) -> Tensor:
+    """Validate a padding mask (bool, or 0/1 integers as tokenizers give them) of shape `expected` and return it as
+    bool. `name`/`dims` word the errors, e.g. `"Mask 0"` and `"batch, seq_len"`."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({dims}) = {expected} or None, got {_type_name(mask)}.")
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape ({dims}) = {tuple(expected)}, got {tuple(mask.shape)}.")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name} must be bool or 0/1 integers, got dtype {mask.dtype}.")
+    # Eager mode only: the value check needs the data (a host sync), which a compiled graph cannot branch on.
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must hold only 0/1 (or True/False), got values {mask.unique().tolist()}.")
+    return mask != 0
+
+
 class PerceiverEncoder(nn.Module):
     """The shared Perceiver core: `depth` x (cross-attention + `self_per_cross_attn` self-attentions) over latents.
 
@@ -254,18 +271,7 @@ class PerceiverEncoder(nn.Module):
             raise TypeError(f"Input {i} must be a floating-point tensor, got dtype {x.dtype}.")
         if mask is None:
             return CrossInput(x)
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"Mask {i} must be a torch.Tensor or None, got {_type_name(mask)}.")
-        if tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(
-                f"Mask {i} must have shape (batch, seq_len) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}."
-            )
-        if mask.dtype != torch.bool:
-            if mask.is_floating_point() or mask.is_complex():
-                raise TypeError(f"Mask {i} must be bool or 0/1 integers, got dtype {mask.dtype}.")
-            if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError(f"Mask {i} must hold only 0/1 (or True/False), got values {mask.unique().tolist()}.")
-            mask = mask != 0
+        mask = as_bool_mask(mask, f"Mask {i}", "batch, seq_len", tuple(x.shape[:2]))
         # Eager mode only (a data-dependent branch would break a compiled graph): an all-True mask is no mask, and
         # dropping it keeps the unmasked fast path.
         if not torch.compiler.is_compiling() and bool(mask.all()):
@@ -409,22 +415,6 @@ def _expand_queries(queries: Tensor, batch_size: int, width: int, name: str = "q
     return queries
 
 
-def _check_query_mask(query_mask, batch: int, num_queries: int) -> Tensor:
-    """Validate a `(batch, num_queries)` query mask (bool or 0/1 integers) and return it as bool."""
-    expected = (batch, num_queries)
-    if not isinstance(query_mask, Tensor):
-        raise TypeError(f"`query_mask` must be a tensor of shape (batch, num_queries) = {expected}, got {_type_name(query_mask)}.")
-    if tuple(query_mask.shape) != expected:
-        raise ValueError(f"`query_mask` must have shape (batch, num_queries) = {expected}, got {tuple(query_mask.shape)}.")
-    if query_mask.dtype == torch.bool:
-        return query_mask
-    if query_mask.is_floating_point() or query_mask.is_complex():
-        raise TypeError(f"`query_mask` must be bool or 0/1 integers, got dtype {query_mask.dtype}.")
-    if not torch.compiler.is_compiling() and bool(((query_mask != 0) & (query_mask != 1)).any()):
-        raise ValueError(f"`query_mask` must hold only 0/1 (or True/False), got values {query_mask.unique().tolist()}.")
-    return query_mask != 0
-
-
 class PerceiverDecoder(nn.Module):
     """Perceiver IO decoder: queries cross-attend to the latents, then an optional LayerNorm + Linear to
     `config.output_dim`. Outputs at masked queries are exactly zero.
@@ -460,7 +450,7 @@ class PerceiverDecoder(nn.Module):
             queries = self.queries
         queries = _expand_queries(queries, batch, self.config.decoder_query_dim)
         if query_mask is not None:
-            query_mask = _check_query_mask(query_mask, batch, queries.shape[1])
+            query_mask = as_bool_mask(query_mask, "`query_mask`", "batch, num_queries", (batch, queries.shape[1]))
             # Zero padded queries on the way in as well as out: NaN/Inf padding would otherwise reach the weight
             # gradients through 0 * NaN, even though the outputs there are discarded.
             queries = queries.masked_fill(~query_mask[..., None], 0.0)

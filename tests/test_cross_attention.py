@@ -73,3 +73,17 @@ def test_chunked_output_attentions_falls_back_to_maps():
 def test_config_rejects_dropout_with_checkpointing():
     with pytest.raises(ValueError, match="cross_attention_checkpointing"):
         small_config(cross_attention_checkpointing=True, cross_attn_dropout=0.1)
+
+
+def test_only_the_encoder_cross_attention_is_chunked():
+    # Decoders and the query-pooling block attend to the few latents: they keep the regular path (and their dropout).
+    from hf_flash_perceiver import PerceiverIOModel
+
+    cfg = small_config(cross_attention_checkpointing=True, cross_attention_chunk_size=2, query_dim=8, output_dim=3)
+    io = PerceiverIOModel(cfg).eval()
+    assert all(layer.attn.chunked for layer in io.perceiver.encoder.cross_layers)
+    assert not io.decoder.block.attn.chunked
+    regular = PerceiverIOModel(cfg.__class__(**{**cfg.to_dict(), "cross_attention_checkpointing": False})).eval()
+    regular.load_state_dict(io.state_dict())
+    x, q = torch.randn(2, 7, cfg.input_dim), torch.randn(5, 8)
+    torch.testing.assert_close(io(x, queries=q).logits, regular(x, queries=q).logits, atol=FP32_TOL, rtol=FP32_TOL)
