@@ -11,7 +11,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .attention import ATTENTION_FUNCTIONS, KeyPaddingMask, attention
+from .attention_backends import ATTENTION_FUNCTIONS, KeyPaddingMask, attention
 from .configuration_perceiver import PerceiverConfig
 from .input_adapters import PerceiverImageAdapter, PerceiverTextAdapter, fourier_position_features
 from .modeling_perceiver import (

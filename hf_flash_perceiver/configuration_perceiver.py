@@ -1,13 +1,51 @@
 """Configuration of the hf-flash-perceiver models."""
 
-from __future__ import annotations
+from functools import wraps
+from typing import Any, Literal, get_args
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 
-POOLING_MODES = ("average", "first", "concat", "query")
-MLP_GATE_ACTIVATIONS = ("gelu", "sigmoid", "silu")
+PoolingMode = Literal["average", "first", "concat", "query"]
+MlpGateActivation = Literal["gelu", "sigmoid", "silu"]
+POOLING_MODES = get_args(PoolingMode)
+MLP_GATE_ACTIVATIONS = get_args(MlpGateActivation)
+
+
+# Field validators: `@strict` runs them (after the type check) at construction and on every assignment, and
+# `save_pretrained` runs the class validators (`validate_*`) again, so no invalid config is ever written.
+def _positive(value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+def _non_negative(value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+
+
+def _probability(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+
+
+def _rotary_dim(value: int) -> None:
+    if value < 0 or value % 2:
+        raise ValueError(f"must be an even number >= 0, got {value!r}")
+
+
+def positive(default: Any) -> Any:
+    return validated_field(_positive, default=default)
+
+
+def probability(default: float = 0.0) -> Any:
+    return validated_field(_probability, default=default)
+
+
+def rotary(default: int = 0) -> Any:
+    return validated_field(_rotary_dim, default=default)
 
 
 @strict
@@ -134,52 +172,52 @@ class PerceiverConfig(PreTrainedConfig):
     model_type = "flash_perceiver"
 
     # encoder
-    input_dim: int | list[int] | None = None
-    input_names: list[str] | None = None
-    depth: int = 8
-    num_latents: int | None = 512
-    latent_dim: int = 512
-    cross_heads: int = 1
-    cross_head_dim: int = 64
-    cross_rotary_emb_dim: int = 0
-    cross_attn_dropout: float = 0.0
-    latent_heads: int = 8
-    latent_head_dim: int = 64
-    latent_rotary_emb_dim: int = 0
-    latent_attn_dropout: float = 0.0
-    latent_drop: float = 0.0
+    input_dim: int | list[int] | tuple[int, ...] | None = None
+    input_names: list[str] | tuple[str, ...] | None = None
+    depth: int = positive(8)
+    num_latents: int | None = positive(512)
+    latent_dim: int = positive(512)
+    cross_heads: int = positive(1)
+    cross_head_dim: int = positive(64)
+    cross_rotary_emb_dim: int = rotary()
+    cross_attn_dropout: float | int = probability()
+    latent_heads: int = positive(8)
+    latent_head_dim: int = positive(64)
+    latent_rotary_emb_dim: int = rotary()
+    latent_attn_dropout: float | int = probability()
+    latent_drop: float | int = probability()
     weight_tie_layers: bool = False
     gated_mlp: bool = True
-    mlp_ratio: float = 4.0
-    mlp_hidden_size: int | None = None
-    mlp_gate_activation: str = "gelu"
+    mlp_ratio: float | int = positive(4.0)
+    mlp_hidden_size: int | None = positive(None)
+    mlp_gate_activation: MlpGateActivation = "gelu"
     mlp_residual: bool = True
     cross_input_norm: bool = True
     cross_qkv_bias: bool = False
     latent_qkv_bias: bool = False
-    self_per_cross_attn: int = 1
-    num_zero_tokens: int | None = None
-    rotary_base: float = 10000.0
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    self_per_cross_attn: int = positive(1)
+    num_zero_tokens: int | None = positive(None)
+    rotary_base: float | int = positive(10000.0)
+    layer_norm_eps: float | int = positive(1e-5)
+    initializer_range: float | int = validated_field(_non_negative, default=0.02)
     cross_attention_checkpointing: bool = False
-    cross_attention_chunk_size: int = 131072
+    cross_attention_chunk_size: int = positive(131072)
     # heads and input adapters
-    pooling: str = "average"
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 1
-    num_fourier_bands: int = 16
-    vocab_size: int = 262
-    max_position_embeddings: int = 2048
-    query_dim: int | None = None
-    num_queries: int | None = None
-    output_dim: int | None = None
-    query_heads: int = 1
-    query_head_dim: int = 64
-    query_rotary_emb_dim: int = 0
-    query_attn_dropout: float = 0.0
-    classifier_dropout: float = 0.0
+    pooling: PoolingMode = "average"
+    num_channels: int = positive(3)
+    image_size: int = positive(224)
+    patch_size: int = positive(1)
+    num_fourier_bands: int = validated_field(_non_negative, default=16)
+    vocab_size: int = positive(262)
+    max_position_embeddings: int = positive(2048)
+    query_dim: int | None = positive(None)
+    num_queries: int | None = positive(None)
+    output_dim: int | None = positive(None)
+    query_heads: int = positive(1)
+    query_head_dim: int = positive(64)
+    query_rotary_emb_dim: int = rotary()
+    query_attn_dropout: float | int = probability()
+    classifier_dropout: float | int = probability()
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -189,7 +227,19 @@ class PerceiverConfig(PreTrainedConfig):
         if isinstance(self.input_names, tuple):
             self.input_names = list(self.input_names)
         super().__post_init__(**kwargs)
-        self._validate_perceiver()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "PerceiverConfig":
+        # transformers' own Perceiver checkpoints (model_type "perceiver") have other fields and weights: loading one
+        # here would give a randomly initialised default model with warnings, silently wrong. Refuse it instead.
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"This checkpoint has model_type {model_type!r}, not {cls.model_type!r}: it is not an hf-flash-perceiver "
+                "checkpoint (transformers' own Perceiver checkpoints have model_type 'perceiver' and are loaded with "
+                "transformers.PerceiverModel & co.). Loading it here would give a randomly initialised model."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     # `output_attentions` must not force eager attention: every backend here can return attention maps (the
     # attention entry point computes them for that call only), so the base class's switch-to-eager and its
@@ -225,28 +275,40 @@ class PerceiverConfig(PreTrainedConfig):
     def decoder_query_dim(self) -> int:
         return self.latent_dim if self.query_dim is None else self.query_dim
 
-    def _validate_perceiver(self):
-        def positive(name, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
-
-        for name in ("depth", "latent_dim", "cross_heads", "cross_head_dim", "latent_heads", "latent_head_dim",
-                     "self_per_cross_attn", "query_heads", "query_head_dim", "num_channels", "image_size",
-                     "patch_size", "vocab_size", "max_position_embeddings"):
-            positive(name)
-        positive("cross_attention_chunk_size")
+    def validate_architecture(self):
+        """Part of `@strict` validation (at construction and in `save_pretrained`): the constraints between fields."""
+        super().validate_architecture()
         if self.cross_attention_checkpointing and self.cross_attn_dropout > 0:
             raise ValueError("`cross_attention_checkpointing` does not support `cross_attn_dropout` > 0.")
-        for name in ("num_latents", "mlp_hidden_size", "num_zero_tokens", "query_dim", "num_queries", "output_dim"):
-            positive(name, allow_none=True)
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio!r}.")
-        if self.num_fourier_bands < 0:
-            raise ValueError(f"`num_fourier_bands` must be >= 0, got {self.num_fourier_bands!r}.")
+        self._validate_inputs()
+        for rotary_field, head in (("cross_rotary_emb_dim", "cross_head_dim"), ("latent_rotary_emb_dim", "latent_head_dim"),
+                                   ("query_rotary_emb_dim", "query_head_dim")):
+            if getattr(self, rotary_field) > getattr(self, head):
+                raise ValueError(
+                    f"`{rotary_field}` ({getattr(self, rotary_field)}) must be at most `{head}` ({getattr(self, head)})."
+                )
+        for width in {self.latent_dim, self.decoder_query_dim}:
+            if self.mlp_hidden_size is None and int(round(width * self.mlp_ratio)) < 1:
+                raise ValueError(
+                    f"`mlp_ratio={self.mlp_ratio}` gives a zero-width MLP for width {width}; raise it or set "
+                    "`mlp_hidden_size`."
+                )
+        if self.num_latents is not None and self.latent_drop > 0 and int((1 - self.latent_drop) * self.num_latents) < 1:
+            raise ValueError(
+                f"`latent_drop={self.latent_drop}` keeps no latent of `num_latents={self.num_latents}` (it keeps "
+                "floor((1 - latent_drop) * num_latents)): lower it or use more latents."
+            )
+        if self.pooling == "concat" and (self.num_latents is None or self.latent_drop > 0):
+            raise ValueError("`pooling='concat'` needs a fixed number of latents: set `num_latents` and `latent_drop=0`.")
+        problem_types = ("regression", "single_label_classification", "multi_label_classification")
+        if self.problem_type is not None and self.problem_type not in problem_types:
+            raise ValueError(f"`problem_type` must be one of {problem_types} or None, got {self.problem_type!r}.")
+        if self.num_labels < 1:
+            raise ValueError(f"`num_labels` must be at least 1, got {self.num_labels}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size}).")
 
+    def _validate_inputs(self):
         if isinstance(self.input_dim, list):
             if len(self.input_dim) != self.depth:
                 raise ValueError(
@@ -255,18 +317,16 @@ class PerceiverConfig(PreTrainedConfig):
                 )
             if self.weight_tie_layers:
                 raise ValueError("`weight_tie_layers=True` needs one `input_dim` for every block, got a list.")
-            for width in self.input_dim:
-                if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
-                    raise ValueError(f"Every `input_dim` entry must be a positive integer, got {self.input_dim!r}.")
-        elif self.input_dim is not None:
-            positive("input_dim")
-        if self.cross_input_norm and self.input_dim is not None and 1 in self.input_dims:
-            # LayerNorm over a single feature is identically zero: the model would never see the input's values.
-            raise ValueError(
-                f"`input_dim` {self.input_dim!r} has a width of 1, which `cross_input_norm=True` (LayerNorm over the "
-                "features) maps to 0: set `cross_input_norm=False` or embed the input to a wider feature first."
-            )
-
+        if self.input_dim is not None:
+            widths = self.input_dim if isinstance(self.input_dim, list) else [self.input_dim]
+            if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+                raise ValueError(f"`input_dim` must be a positive integer or a list of them, got {self.input_dim!r}.")
+            if self.cross_input_norm and 1 in widths:
+                # LayerNorm over a single feature is identically zero: the model would never see the input's values.
+                raise ValueError(
+                    f"`input_dim` {self.input_dim!r} has a width of 1, which `cross_input_norm=True` (LayerNorm over "
+                    "the features) maps to 0: set `cross_input_norm=False` or embed the input to a wider feature first."
+                )
         if self.input_names is not None:
             if len(self.input_names) != self.depth or len(set(self.input_names)) != len(self.input_names):
                 raise ValueError(
@@ -274,29 +334,35 @@ class PerceiverConfig(PreTrainedConfig):
                     f"{self.input_names!r}."
                 )
 
-        for rotary, head in (("cross_rotary_emb_dim", "cross_head_dim"), ("latent_rotary_emb_dim", "latent_head_dim"),
-                             ("query_rotary_emb_dim", "query_head_dim")):
-            value, head_dim = getattr(self, rotary), getattr(self, head)
-            if value < 0 or value % 2 or value > head_dim:
-                raise ValueError(
-                    f"`{rotary}` must be an even number between 0 and `{head}` ({head_dim}), got {value}."
-                )
 
-        for name in ("cross_attn_dropout", "latent_attn_dropout", "query_attn_dropout", "classifier_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
-        if not 0.0 <= self.latent_drop < 1.0:
-            raise ValueError(f"`latent_drop` must be in [0, 1), got {self.latent_drop!r}.")
-        if self.pooling not in POOLING_MODES:
-            raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {self.pooling!r}.")
-        if self.pooling == "concat" and (self.num_latents is None or self.latent_drop > 0):
-            raise ValueError("`pooling='concat'` needs a fixed number of latents: set `num_latents` and `latent_drop=0`.")
-        if self.mlp_gate_activation not in MLP_GATE_ACTIVATIONS:
-            raise ValueError(
-                f"`mlp_gate_activation` must be one of {MLP_GATE_ACTIVATIONS}, got {self.mlp_gate_activation!r}."
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size}).")
+class PerceiverConfigValueError(StrictDataclassError, ValueError):
+    """An invalid config value: a `ValueError`, and the `@strict` error family transformers' configs raise."""
 
 
-__all__ = ["PerceiverConfig"]
+class PerceiverConfigTypeError(StrictDataclassError, TypeError):
+    """A config value of the wrong type: a `TypeError`, and the `@strict` error family transformers' configs raise."""
+
+
+def _builtin_errors(method):
+    """`@strict` reports through its own exception classes (plain `Exception`s); ours are also the `ValueError` /
+    `TypeError` that bad input gets everywhere else in this package, with the same message (field and cause)."""
+
+    @wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except StrictDataclassError as error:
+            if isinstance(error, (PerceiverConfigValueError, PerceiverConfigTypeError)):
+                raise
+            kind = PerceiverConfigTypeError if isinstance(error.__cause__, TypeError) else PerceiverConfigValueError
+            raise kind(str(error)) from error
+
+    return wrapper
+
+
+# Construction, every assignment and `validate()` (which `save_pretrained` calls).
+for _name in ("__init__", "__setattr__", "validate"):
+    setattr(PerceiverConfig, _name, _builtin_errors(getattr(PerceiverConfig, _name)))
+
+
+__all__ = ["PerceiverConfig", "PerceiverConfigTypeError", "PerceiverConfigValueError"]

@@ -15,31 +15,62 @@ the key-padding bias), both returning the log-sum-exp; an fp32 matmul/softmax el
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import HALF_DTYPES, KeyPaddingMask
+from .attention_backends import KeyPaddingMask, fused_kernels_fit
 
 
 @dataclass
 class CrossInput:
     """One cross-attention block's input: the tokens, the learned zero tokens prepended to them, and the mask over
-    the concatenation. Built once per input and forward; the concatenation is only materialised by the regular
-    (non-chunked) path."""
+    the concatenation. Built once per input and forward by the encoder; blocks that read the same input tensor share
+    `norm_cache`, so the input's LayerNorm is computed once for all of them (see [`PerceiverCrossAttention`])."""
 
     tokens: Tensor
     mask: KeyPaddingMask | None = None
     prefix: Tensor | None = None
-    normalized: bool = False  # tokens/prefix already LayerNorm'd without affine (the block folds its affine in)
+    norm_cache: dict = field(default_factory=dict, repr=False)
 
     def segments(self) -> list[Tensor]:
         return [self.tokens] if self.prefix is None else [self.prefix, self.tokens]
 
+    def normalized(self, eps: float) -> Tensor:
+        """The affine-free LayerNorm of prefix + tokens, the tokens' part computed once per forward and shared.
+
+        Kept in the autocast dtype when autocast is on: it is what the key/value projection consumes."""
+        tokens = self.norm_cache.get(eps)
+        if tokens is None:
+            tokens = self.norm_cache[eps] = _affine_free_norm(self.tokens, eps)
+        if self.prefix is None:
+            return tokens
+        return torch.cat([_affine_free_norm(self.prefix, eps), tokens], dim=1)
+
     def materialize(self) -> Tensor:
         return self.tokens if self.prefix is None else torch.cat([self.prefix, self.tokens], dim=1)
+
+
+def _affine_free_norm(x: Tensor, eps: float) -> Tensor:
+    y = F.layer_norm(x, (x.shape[-1],), None, None, eps)
+    if torch.is_autocast_enabled(x.device.type):
+        y = y.to(torch.get_autocast_dtype(x.device.type))
+    return y
+
+
+def fold_norm_affine(
+    norm_weight: Tensor | None, norm_bias: Tensor | None, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """A LayerNorm affine folded into the Linear after it: `(x_hat*g + b) W^T + c = x_hat (W*g)^T + (W b + c)`.
+
+    Exact; it lets the input be normalised once without affine, for every block that reads it, and chunks skip the
+    per-chunk gamma/beta reductions in backward. With no norm (`norm_weight` None) the Linear is returned as is."""
+    if norm_weight is None:
+        return weight, bias
+    folded_bias = torch.mv(weight, norm_bias)
+    return weight * norm_weight[None, :], folded_bias if bias is None else folded_bias + bias
 
 
 # ---------------------------------------------------------------- per-chunk kernels: (out, lse) and its backward
@@ -93,7 +124,7 @@ def _fused_backward(dout, q, k, v, out, lse, bias, scale, aux):
 
 
 def _kernels(q: Tensor):
-    if q.is_cuda and q.dtype in HALF_DTYPES and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128:
+    if fused_kernels_fit(q):
         return _fused_forward, _fused_backward
     return _math_forward, _math_backward
 
@@ -112,13 +143,9 @@ class _Spec:
 
 
 def _fold(ln_w, ln_b, kv_w, kv_b):
-    """LayerNorm affine folded into the projection: `(x_hat*g + b) W^T + c = x_hat (W*g)^T + (W b + c)`, so chunks
-    only need an affine-free LayerNorm (no per-chunk gamma/beta reductions in backward)."""
-    if ln_w is None:
-        return kv_w.float(), None if kv_b is None else kv_b.float()
-    weight = kv_w.float() * ln_w.float()[None, :]
-    bias = torch.mv(kv_w.float(), ln_b.float())
-    return weight, bias if kv_b is None else bias + kv_b.float()
+    """[`fold_norm_affine`] in fp32, as the chunks compute it (autocast off, under no_grad)."""
+    as_float = [None if t is None else t.float() for t in (ln_w, ln_b, kv_w, kv_b)]
+    return fold_norm_affine(*as_float)
 
 
 def _unfold_grads(d_weight, d_bias, ln_w, ln_b, kv_w, kv_b):

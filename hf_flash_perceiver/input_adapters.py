@@ -65,6 +65,7 @@ def fourier_position_features(
         `torch.Tensor` of shape `(prod(shape), len(shape) * (2 * num_bands + 1))`, row-major over the grid.
     """
     max_resolution = tuple(shape) if max_resolution is None else tuple(max_resolution)
+    # A one-point axis sits at the centre, 0 (flash-perceiver's legacy `meshgrid` puts it at -1, as the seed did).
     axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
     positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
     return fourier_features(positions, num_bands, max_resolution).to(dtype)
@@ -111,7 +112,13 @@ class PerceiverImageAdapter(nn.Module):
             raise TypeError(
                 f"`pixel_values` must be floating point (an image processor's output), got dtype {pixel_values.dtype}."
             )
+        if pixel_values.is_meta:
+            raise ValueError("`pixel_values` is on the meta device (no data); move it to a real device first.")
         channels, height, width = pixel_values.shape[1:]
+        if height == 0 or width == 0 or pixel_values.shape[0] == 0:
+            raise ValueError(
+                f"`pixel_values` must hold at least one image of at least one pixel, got {tuple(pixel_values.shape)}."
+            )
         if channels != self.num_channels:
             raise ValueError(
                 f"`pixel_values` has {channels} channels but the model expects config.num_channels="
@@ -171,6 +178,8 @@ class PerceiverTextAdapter(nn.Module):
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
         if input_ids.dtype not in INTEGER_DTYPES:
             raise TypeError(f"`input_ids` must be integer token ids (torch.long), got dtype {input_ids.dtype}.")
+        if input_ids.is_meta:
+            raise ValueError("`input_ids` is on the meta device (no data); move it to a real device first.")
         if input_ids.shape[1] > self.max_positions:
             raise ValueError(
                 f"Sequence length {input_ids.shape[1]} exceeds config.max_position_embeddings={self.max_positions}."

@@ -1,15 +1,17 @@
-"""Building blocks: rotary embedding, MLP, attention and the one configurable Perceiver block."""
+"""Building blocks: rotary embedding, MLP, the attention layers (one spec per role) and the one configurable block."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention import KeyPaddingMask, attention
+from .attention_backends import KeyPaddingMask, attention
 from .configuration_perceiver import PerceiverConfig
-from .cross_attention import CrossInput, chunked_cross_attention
+from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -77,167 +79,195 @@ class PerceiverMLP(nn.Module):
         return self.fc2(h)
 
 
-class PerceiverAttention(nn.Module):
-    """Multi-head attention; cross-attention when `kv_dim` is given (separate `q_proj`/`kv_proj`), self-attention
-    otherwise (one fused `qkv_proj`)."""
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything one attention layer needs, for one role: the cross-attention over the inputs, the latent
+    self-attention, or the decoder's query cross-attention. Derived from the (flat) config by the constructors below,
+    so that modules take one spec instead of a row of positional arguments.
 
-    def __init__(
-        self,
-        config: PerceiverConfig,
-        dim: int,
-        num_heads: int,
-        head_dim: int,
-        rotary_dim: int = 0,
-        dropout: float = 0.0,
-        kv_dim: int | None = None,
-        qkv_bias: bool = False,
-        chunked: bool = False,
-    ):
+    Attributes:
+        dim: width of the attending stream (latents, or decoder queries).
+        heads, head_dim: attention heads and their width.
+        rotary_dim: rotary channels per head (0: none).
+        dropout: attention-probability dropout.
+        qkv_bias: bias on the query/key/value projections.
+        kv_dim: width of what is attended to (cross-attention); `None` for self-attention.
+        input_norm: LayerNorm the attended input before its key/value projection (cross-attention).
+        chunked: compute the input side chunk by chunk and recompute it in backward (long inputs).
+    """
+
+    dim: int
+    heads: int
+    head_dim: int
+    rotary_dim: int = 0
+    dropout: float = 0.0
+    qkv_bias: bool = False
+    kv_dim: int | None = None
+    input_norm: bool = True
+    chunked: bool = False
+
+    @property
+    def is_cross_attention(self) -> bool:
+        return self.kv_dim is not None
+
+    @classmethod
+    def cross(cls, config: PerceiverConfig, input_dim: int) -> AttentionSpec:
+        """The encoder's cross-attention from the latents to one input of width `input_dim`."""
+        return cls(
+            dim=config.latent_dim, heads=config.cross_heads, head_dim=config.cross_head_dim,
+            rotary_dim=config.cross_rotary_emb_dim, dropout=config.cross_attn_dropout, qkv_bias=config.cross_qkv_bias,
+            kv_dim=input_dim, input_norm=config.cross_input_norm, chunked=config.cross_attention_checkpointing,
+        )
+
+    @classmethod
+    def latent(cls, config: PerceiverConfig) -> AttentionSpec:
+        """The latent self-attention."""
+        return cls(
+            dim=config.latent_dim, heads=config.latent_heads, head_dim=config.latent_head_dim,
+            rotary_dim=config.latent_rotary_emb_dim, dropout=config.latent_attn_dropout, qkv_bias=config.latent_qkv_bias,
+        )
+
+    @classmethod
+    def query(cls, config: PerceiverConfig, dim: int | None = None, rotary: bool = True) -> AttentionSpec:
+        """Queries cross-attending to the latents: the Perceiver IO decoder (`dim` = the query width), or the
+        classification head's learned pooling query (`dim` = latent width, no rotary)."""
+        return cls(
+            dim=config.decoder_query_dim if dim is None else dim, heads=config.query_heads,
+            head_dim=config.query_head_dim, rotary_dim=config.query_rotary_emb_dim if rotary else 0,
+            dropout=config.query_attn_dropout, qkv_bias=config.cross_qkv_bias, kv_dim=config.latent_dim,
+            input_norm=config.cross_input_norm,
+        )
+
+
+class PerceiverAttention(nn.Module):
+    """Base of the attention layers: heads, output projection, rotary and the call into the backend dispatch.
+
+    `forward` returns `(output, attention weights or None)`; the weights are computed only when asked for
+    (`output_attentions`), by the eager reference for that call, whatever backend the model uses."""
+
+    def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
         super().__init__()
         self.config = config
-        # Chunked, recomputed cross-attention (`config.cross_attention_checkpointing`): only the encoder's
-        # cross-attention over the inputs, whose length is the point; decoders attend to the few latents.
-        self.chunked = chunked
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.dropout = dropout
-        self.is_cross_attention = kv_dim is not None
-        inner = num_heads * head_dim
-        if self.is_cross_attention:
-            self.q_proj = nn.Linear(dim, inner, bias=qkv_bias)
-            self.kv_proj = nn.Linear(kv_dim, 2 * inner, bias=qkv_bias)
-        else:
-            self.qkv_proj = nn.Linear(dim, 3 * inner, bias=qkv_bias)
-        self.o_proj = nn.Linear(inner, dim)
-        self.rotary = PerceiverRotaryEmbedding(rotary_dim, config.rotary_base) if rotary_dim else None
-
-    def _project_context(self, context: CrossInput, norm: nn.LayerNorm | None) -> Tensor:
-        tokens = context.materialize()
-        if not context.normalized:
-            return self.kv_proj(norm(tokens) if norm is not None else tokens)
-        # The encoder normalised the input once for every block that reads it (LayerNorm without affine); this
-        # block's LayerNorm affine is folded into its projection: (x*g + b) W^T + c = x (W*g)^T + (W b + c).
-        # Exact, and it saves a full-input LayerNorm, its backward and a half-precision copy per block.
-        weight = self.kv_proj.weight * norm.weight[None, :]
-        bias = torch.mv(self.kv_proj.weight, norm.bias)
-        if self.kv_proj.bias is not None:
-            bias = bias + self.kv_proj.bias
-        return F.linear(tokens, weight, bias)
+        self.spec = spec
+        self.num_heads = spec.heads
+        self.head_dim = spec.head_dim
+        self.o_proj = nn.Linear(spec.heads * spec.head_dim, spec.dim)
+        self.rotary = PerceiverRotaryEmbedding(spec.rotary_dim, config.rotary_base) if spec.rotary_dim else None
 
     def _heads(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
         return x.unflatten(-1, (parts, self.num_heads, self.head_dim)).unbind(dim=-3)
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        context: CrossInput | None = None,
-        context_norm: nn.LayerNorm | None = None,
-        output_attentions: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        if self.is_cross_attention:
-            (query,) = self._heads(self.q_proj(hidden_states), 1)
-            if self.rotary is not None:
-                query = self.rotary.rotate(query)
-            if self.chunked and not output_attentions:
-                # Long inputs: keys/values chunk by chunk, recomputed in backward (see cross_attention.py).
-                out = chunked_cross_attention(
-                    query, context, context_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
-                    scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
-                )
-                return self.o_proj(out.flatten(-2)), None
-            key, value = self._heads(self._project_context(context, context_norm), 2)
-            if self.rotary is not None:
-                # Keys carry their own positions (token index), queries theirs (latent index).
-                key = self.rotary.rotate(key)
-            mask = context.mask
-        else:
-            query, key, value = self._heads(self.qkv_proj(hidden_states), 3)
-            if self.rotary is not None:
-                cos, sin = self.rotary(query.shape[1], query.device)
-                query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-            mask = None
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None,
+                output_attentions: bool) -> tuple[Tensor, Tensor | None]:
         out, weights = attention(
-            query,
-            key,
-            value,
-            mask,
+            query, key, value, mask,
             implementation=self.config._attn_implementation or "sdpa",
-            dropout=self.dropout if self.training else 0.0,
+            dropout=self.spec.dropout if self.training else 0.0,
             output_attentions=output_attentions,
         )
         return self.o_proj(out.flatten(-2)), weights
 
 
-class PerceiverBlock(GradientCheckpointingLayer):
-    """Pre-LayerNorm attention block, cross- or self-attention: `x + Attn(LN(x) [, LN(context)])`, then
-    `x + MLP(LN(x))` (or the MLP branch alone when `config.mlp_residual` is off, as in flash-perceiver 0.2.0)."""
+class PerceiverSelfAttention(PerceiverAttention):
+    """Self-attention of the latents: one fused `qkv_proj`; rotary on queries and keys by latent index."""
 
-    def __init__(
-        self,
-        config: PerceiverConfig,
-        dim: int,
-        num_heads: int,
-        head_dim: int,
-        rotary_dim: int = 0,
-        dropout: float = 0.0,
-        kv_dim: int | None = None,
-        qkv_bias: bool = False,
-        chunked: bool = False,
-    ):
+    def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
+        super().__init__(config, spec)
+        self.qkv_proj = nn.Linear(spec.dim, 3 * spec.heads * spec.head_dim, bias=spec.qkv_bias)
+
+    def forward(self, hidden_states: Tensor, output_attentions: bool = False, **kwargs) -> tuple[Tensor, Tensor | None]:
+        query, key, value = self._heads(self.qkv_proj(hidden_states), 3)
+        if self.rotary is not None:
+            cos, sin = self.rotary(query.shape[1], query.device)
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        return self._attend(query, key, value, None, output_attentions)
+
+
+class PerceiverCrossAttention(PerceiverAttention):
+    """Cross-attention to an input (a [`CrossInput`]), and the one owner of the input side: the input LayerNorm, the
+    key/value projection, the fold of the norm's affine into that projection, and the choice between the regular
+    path and the chunked, recomputed one (`spec.chunked`).
+
+    The input is normalised without affine once per forward for every block that reads it (`CrossInput.normalized`);
+    this layer folds its LayerNorm's gamma/beta into `kv_proj` (`fold_norm_affine`), exactly, so no per-block
+    normalised copy of a long input is made. The chunked path folds with the same function, per call.
+
+    The LayerNorm's parameters are held by the enclosing block as `context_norm` (where checkpoints have always
+    stored them); this layer is given the module and is the only code that applies it.
+    """
+
+    def __init__(self, config: PerceiverConfig, spec: AttentionSpec, input_norm: nn.LayerNorm | None):
+        super().__init__(config, spec)
+        inner = spec.heads * spec.head_dim
+        self.q_proj = nn.Linear(spec.dim, inner, bias=spec.qkv_bias)
+        self.kv_proj = nn.Linear(spec.kv_dim, 2 * inner, bias=spec.qkv_bias)
+        # A plain reference, not a submodule: the block registers it, under its checkpoint name.
+        self._input_norm = (input_norm,)
+
+    @property
+    def input_norm(self) -> nn.LayerNorm | None:
+        return self._input_norm[0]
+
+    def project_context(self, context: CrossInput) -> tuple[Tensor, Tensor]:
+        """Keys and values `(batch, kv_len, heads, head_dim)` of the whole input (the regular path)."""
+        norm = self.input_norm
+        if norm is None:
+            kv = self.kv_proj(context.materialize())
+        else:
+            weight, bias = fold_norm_affine(norm.weight, norm.bias, self.kv_proj.weight, self.kv_proj.bias)
+            kv = F.linear(context.normalized(norm.eps), weight, bias)
+        key, value = self._heads(kv, 2)
+        if self.rotary is not None:
+            # Keys carry their own positions (token index), queries theirs (latent index).
+            key = self.rotary.rotate(key)
+        return key, value
+
+    def forward(
+        self, hidden_states: Tensor, context: CrossInput, output_attentions: bool = False, **kwargs
+    ) -> tuple[Tensor, Tensor | None]:
+        (query,) = self._heads(self.q_proj(hidden_states), 1)
+        if self.rotary is not None:
+            query = self.rotary.rotate(query)
+        if self.spec.chunked and not output_attentions:
+            # Long inputs: keys/values chunk by chunk, recomputed in backward (see cross_attention.py).
+            out = chunked_cross_attention(
+                query, context, self.input_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
+                scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
+            )
+            return self.o_proj(out.flatten(-2)), None
+        key, value = self.project_context(context)
+        return self._attend(query, key, value, context.mask, output_attentions)
+
+
+class PerceiverBlock(GradientCheckpointingLayer):
+    """The one configurable block: pre-LayerNorm attention, `x + Attn(LN(x) [, context])`, then `x + MLP(LN(x))`
+    (or the MLP branch alone when `config.mlp_residual` is off, as in flash-perceiver 0.2.0). Cross- or
+    self-attention by `spec`."""
+
+    def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        is_cross = kv_dim is not None
-        self.context_norm = (
-            nn.LayerNorm(kv_dim, eps=config.layer_norm_eps) if is_cross and config.cross_input_norm else None
-        )
-        self.attn = PerceiverAttention(config, dim, num_heads, head_dim, rotary_dim, dropout, kv_dim, qkv_bias, chunked)
-        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = PerceiverMLP(config, dim)
+        self.norm1 = nn.LayerNorm(spec.dim, eps=config.layer_norm_eps)
+        if spec.is_cross_attention:
+            self.context_norm = nn.LayerNorm(spec.kv_dim, eps=config.layer_norm_eps) if spec.input_norm else None
+            self.attn = PerceiverCrossAttention(config, spec, self.context_norm)
+        else:
+            self.context_norm = None
+            self.attn = PerceiverSelfAttention(config, spec)
+        self.norm2 = nn.LayerNorm(spec.dim, eps=config.layer_norm_eps)
+        self.mlp = PerceiverMLP(config, spec.dim)
         self.mlp_residual = config.mlp_residual
 
     def forward(
-        self,
-        hidden_states: Tensor,
-        context: CrossInput | Tensor | None = None,
-        key_padding_mask: KeyPaddingMask | None = None,
-        output_attentions: bool = False,
+        self, hidden_states: Tensor, context: CrossInput | Tensor | None = None, **kwargs
     ) -> tuple[Tensor, Tensor | None]:
-        """`context`: the cross-attention input (a [`CrossInput`], or a tensor with an optional `key_padding_mask`);
-        None for self-attention. Returns `(hidden_states, attention weights or None)`."""
+        """`context`: the cross-attention input (a [`CrossInput`], or a plain tensor without mask); None for
+        self-attention. Returns `(hidden_states, attention weights or None)`."""
         if isinstance(context, Tensor):
-            context = CrossInput(context, key_padding_mask)
-        attn_out, weights = self.attn(self.norm1(hidden_states), context, self.context_norm, output_attentions)
+            context = CrossInput(context)
+        if context is None:
+            attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
+        else:
+            attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
         hidden_states = hidden_states + attn_out
         mlp_out = self.mlp(self.norm2(hidden_states))
         return (hidden_states + mlp_out if self.mlp_residual else mlp_out), weights
-
-
-def cross_attention_block(config: PerceiverConfig, input_dim: int) -> PerceiverBlock:
-    return PerceiverBlock(
-        config, config.latent_dim, config.cross_heads, config.cross_head_dim, config.cross_rotary_emb_dim,
-        config.cross_attn_dropout, kv_dim=input_dim, qkv_bias=config.cross_qkv_bias,
-        chunked=config.cross_attention_checkpointing,
-    )
-
-
-def self_attention_block(config: PerceiverConfig) -> PerceiverBlock:
-    return PerceiverBlock(
-        config, config.latent_dim, config.latent_heads, config.latent_head_dim, config.latent_rotary_emb_dim,
-        config.latent_attn_dropout, qkv_bias=config.latent_qkv_bias,
-    )
-
-
-def decoder_block(config: PerceiverConfig) -> PerceiverBlock:
-    return PerceiverBlock(
-        config, config.decoder_query_dim, config.query_heads, config.query_head_dim, config.query_rotary_emb_dim,
-        config.query_attn_dropout, kv_dim=config.latent_dim, qkv_bias=config.cross_qkv_bias,
-    )
-
-
-def drop_tokens(x: Tensor, p: float) -> Tensor:
-    """Keep a random `floor((1 - p) * n)` of the `n` tokens of every sample, in their original order."""
-    batch, n = x.shape[:2]
-    keep = int((1 - p) * n)
-    scores = torch.rand(batch, n, device=x.device)
-    indices = scores.topk(keep, dim=1).indices.sort(dim=1).values
-    return x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1]))

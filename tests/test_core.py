@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModel
 
 import hf_flash_perceiver
 from hf_flash_perceiver import PerceiverConfig, PerceiverModel
-from hf_flash_perceiver.attention import KeyPaddingMask, attention
+from hf_flash_perceiver.attention_backends import KeyPaddingMask, attention
+from hf_flash_perceiver.input_preparation import prepare_inputs
 
 from reference import reference_forward
 
@@ -248,7 +249,7 @@ def test_all_true_mask_is_dropped():
     cfg = small_config()
     model = build(cfg)
     x = make_inputs(cfg)
-    contexts = model.encoder.prepare_inputs(x, torch.ones(3, 9, dtype=torch.long))
+    contexts = prepare_inputs(cfg, cfg.input_dims, x, torch.ones(3, 9, dtype=torch.long), torch.float32)
     assert all(c.mask is None for c in contexts)
     torch.testing.assert_close(model(x, torch.ones(3, 9, dtype=torch.bool)).last_hidden_state,
                                model(x).last_hidden_state)

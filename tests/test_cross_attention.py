@@ -81,8 +81,8 @@ def test_only_the_encoder_cross_attention_is_chunked():
 
     cfg = small_config(cross_attention_checkpointing=True, cross_attention_chunk_size=2, query_dim=8, output_dim=3)
     io = PerceiverIOModel(cfg).eval()
-    assert all(layer.attn.chunked for layer in io.perceiver.encoder.cross_layers)
-    assert not io.decoder.block.attn.chunked
+    assert all(layer.attn.spec.chunked for layer in io.perceiver.encoder.cross_layers)
+    assert not io.decoder.block.attn.spec.chunked
     regular = PerceiverIOModel(cfg.__class__(**{**cfg.to_dict(), "cross_attention_checkpointing": False})).eval()
     regular.load_state_dict(io.state_dict())
     x, q = torch.randn(2, 7, cfg.input_dim), torch.randn(5, 8)

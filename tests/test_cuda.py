@@ -181,7 +181,7 @@ def test_chunked_cross_attention_cuda(masked):
 def test_optional_flash_backends_match_reference(impl, available):
     import importlib
 
-    attn = importlib.import_module("hf_flash_perceiver.attention")  # the package's `attention` is the function
+    attn = importlib.import_module("hf_flash_perceiver.attention_backends")
     if not getattr(attn, available)():
         pytest.skip(f"{impl}: optional package not installed on this machine")
     cfg = small_config(latent_dim=128, cross_head_dim=64, latent_head_dim=64, num_zero_tokens=1)

@@ -32,7 +32,8 @@ import heads_common
 from heads_common import perturbed
 
 
-CODE_FILES = {"modeling_perceiver.py", "configuration_perceiver.py", "layers.py", "attention.py", "input_adapters.py",
+CODE_FILES = {"modeling_perceiver.py", "configuration_perceiver.py", "layers.py", "attention_backends.py",
+              "cross_attention.py", "input_preparation.py", "encoder.py", "decoder.py", "losses.py", "input_adapters.py",
               "hub_perceiver.py"}
 
 

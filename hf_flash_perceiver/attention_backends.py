@@ -8,8 +8,8 @@ Backends:
 
 - `"sdpa"` (default): `torch.nn.functional.scaled_dot_product_attention`. Unmasked, PyTorch picks its fused kernel
   (FlashAttention-2 / cuDNN on CUDA). With a key-padding mask on CUDA in half precision the cuDNN kernel is *forced*:
-  left to itself SDPA falls back to the memory-efficient kernel, measured 12x slower on an H100 for a long masked
-  cross-attention (10.8 ms vs 0.89 ms, B=32, 256 latents, 16384 keys, fwd+bwd).
+  left to itself SDPA falls back to its memory-efficient kernel, which is several times slower for long masked
+  cross-attention (`benchmarks/attention_kernels.py` measures the choices).
 - `"varlen"`: PyTorch's own FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA, half
   precision) on packed keys when a mask is present; SDPA otherwise.
 - `"flash_attention_2"`: the optional `flash-attn` package (`flash_attn_func`, and `flash_attn_varlen_func` on packed
@@ -96,15 +96,11 @@ def eager_attention(
     return out, weights.to(query.dtype)
 
 
-def _uses_cudnn_for_mask(query: Tensor, key: Tensor) -> bool:
+def fused_kernels_fit(query: Tensor) -> bool:
+    """Whether PyTorch's fused FlashAttention-2 / cuDNN kernels take this call: CUDA, half precision, a head width
+    they support. The one check for every caller that picks a kernel itself (masked SDPA, chunked cross-attention)."""
     head_dim = query.shape[-1]
-    return (
-        query.is_cuda
-        and query.dtype in HALF_DTYPES
-        and head_dim % 8 == 0
-        and head_dim <= 128
-        and CUDNN_AVAILABLE
-    )
+    return query.is_cuda and query.dtype in HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 128 and CUDNN_AVAILABLE
 
 
 def sdpa_attention(
@@ -115,8 +111,8 @@ def sdpa_attention(
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
         return out.transpose(1, 2), None
     attn_mask = mask.mask[:, None, None, :]
-    if _uses_cudnn_for_mask(query, key):
-        # Force cuDNN: SDPA's own choice for a masked call is the memory-efficient kernel, ~12x slower here.
+    if fused_kernels_fit(query):
+        # Force cuDNN: SDPA's own choice for a masked call is the memory-efficient kernel, several times slower.
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
     else:
@@ -236,6 +232,24 @@ ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
     "flash_attention_4": flash_attention_4,
     "eager": eager_attention,
 }
+
+
+# Backends whose kernels take no attention dropout (the dense SDPA fallback of `varlen` would, but the packed-key
+# kernel it exists for does not: refusing the combination up front keeps it from failing at the first padded batch).
+BACKENDS_WITHOUT_DROPOUT = ("varlen", "flash_attention_4")
+
+
+def check_backend_dropout(name: str, config) -> None:
+    """Refuse a backend without attention dropout for a config that asks for some, when the backend is chosen."""
+    if name not in BACKENDS_WITHOUT_DROPOUT:
+        return
+    fields = ("cross_attn_dropout", "latent_attn_dropout", "query_attn_dropout")
+    asked = {f: getattr(config, f) for f in fields if getattr(config, f, 0.0) > 0}
+    if asked:
+        raise ValueError(
+            f"attn_implementation={name!r} has no attention dropout, but the config asks for {asked}; use 'sdpa' or "
+            "set them to 0."
+        )
 
 
 def check_attn_implementation(name: str | None) -> str:

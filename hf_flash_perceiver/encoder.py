@@ -1,0 +1,70 @@
+"""The shared Perceiver core: latents cross-attend to the inputs and refine themselves by self-attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .configuration_perceiver import PerceiverConfig
+from .cross_attention import CrossInput
+from .layers import AttentionSpec, PerceiverBlock
+
+
+class PerceiverEncoder(nn.Module):
+    """`depth` x (cross-attention + `self_per_cross_attn` self-attentions) over latents.
+
+    With `weight_tie_layers`, blocks after the first share one set of modules: the unique modules are kept once and
+    indexed (registering one module twice would make `save_pretrained` fail on shared tensors). The latents after
+    every block and the attention maps are recorded by the model's output hooks, not collected here.
+    """
+
+    def __init__(self, config: PerceiverConfig, input_dims: list[int]):
+        super().__init__()
+        self.config = config
+        self.input_dims = list(input_dims)
+        unique = min(config.depth, 2) if config.weight_tie_layers else config.depth
+        self.cross_layers = nn.ModuleList(
+            PerceiverBlock(config, AttentionSpec.cross(config, self.input_dims[i])) for i in range(unique)
+        )
+        latent = AttentionSpec.latent(config)
+        self.self_layers = nn.ModuleList(
+            nn.ModuleList(PerceiverBlock(config, latent) for _ in range(config.self_per_cross_attn))
+            for _ in range(unique)
+        )
+        if config.num_zero_tokens:
+            self.zero_tokens = nn.ParameterList(
+                nn.Parameter(torch.zeros(config.num_zero_tokens, dim)) for dim in self.input_dims
+            )
+        else:
+            self.zero_tokens = None
+        self.gradient_checkpointing = False
+
+    def block_index(self, i: int) -> int:
+        return min(i, len(self.cross_layers) - 1)
+
+    def forward(self, latents: Tensor, contexts: list[CrossInput], **kwargs) -> Tensor:
+        """Run every block over `latents`, block `i` cross-attending to `contexts[i]`; returns the final latents."""
+        x = latents
+        for i, context in enumerate(contexts):
+            b = self.block_index(i)
+            x, _ = self.cross_layers[b](x, context, **kwargs)
+            for layer in self.self_layers[b]:
+                x, _ = layer(x, **kwargs)
+        return x
+
+
+def drop_tokens(x: Tensor, p: float) -> Tensor:
+    """Keep a random `floor((1 - p) * n)` of the `n` tokens of every sample, in their original order."""
+    batch, n = x.shape[:2]
+    keep = int((1 - p) * n)
+    if keep < 1:
+        raise ValueError(
+            f"`latent_drop={p}` keeps no latent of {n} (it keeps floor((1 - p) * n) = {keep}): lower `latent_drop` or "
+            "use more latents."
+        )
+    scores = torch.rand(batch, n, device=x.device)
+    indices = scores.topk(keep, dim=1).indices.sort(dim=1).values
+    return x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1]))
+
+
+__all__ = ["PerceiverEncoder", "drop_tokens"]
