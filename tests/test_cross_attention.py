@@ -8,7 +8,7 @@ import torch
 from hf_flash_perceiver import PerceiverModel
 
 from reference import reference_forward
-from test_core import FP32_TOL, build, random_config, small_config
+from core_common import FP32_TOL, build, random_config, small_config
 
 
 def _pair(cfg, chunk):

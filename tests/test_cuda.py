@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from hf_flash_perceiver import PerceiverModel
 
 from reference import reference_forward
-from test_core import build, make_inputs, random_config, small_config
+from core_common import build, make_inputs, random_config, small_config
 
 
 pytestmark = pytest.mark.cuda
