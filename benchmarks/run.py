@@ -307,8 +307,11 @@ def empty_record(job: Job) -> dict:
 def free_memory(device: torch.device, compiled: bool) -> None:
     if compiled:
         torch._dynamo.reset()
-    gc.collect()
     if device.type == "cuda":
+        # Reference cycles can keep the last record's CUDA tensors alive into the next record's peak-memory
+        # measurement. Off the GPU no memory is measured, and a full collection with transformers imported costs
+        # about a second per record: most of a smoke run.
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
@@ -556,7 +559,7 @@ def _fmt_record(r: dict) -> str:
     peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
     extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
     mfu = "" if r.get("mfu") is None else f", MFU {r['mfu']:.1%}"
-    return f"{head}: {r['ms']:.2f} ms, {peak}, {r['tflops_per_s']:.1f} TFLOP/s{mfu}{extra}"
+    return f"{head}: {r['ms']:.2f} ms, {peak}, {r['tflops_per_s']:.3g} TFLOP/s{mfu}{extra}"
 
 
 def notes_for(ctx: Context) -> list[str]:

@@ -27,7 +27,7 @@ from transformers import (
     AutoModelForImageClassification,
     Trainer,
     TrainingArguments,
-    ViTImageProcessor,
+    ViTImageProcessorPil,
     pipeline,
 )
 
@@ -81,7 +81,7 @@ def digits_images() -> tuple[list[Image.Image], np.ndarray]:
 class ImageDataset(torch.utils.data.Dataset):
     """Images run through the image processor once; items are the dicts `Trainer` feeds the model."""
 
-    def __init__(self, images: list[Image.Image], labels: np.ndarray, processor: ViTImageProcessor):
+    def __init__(self, images: list[Image.Image], labels: np.ndarray, processor: ViTImageProcessorPil):
         self.pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
         self.labels = torch.as_tensor(labels, dtype=torch.long)
 
@@ -110,7 +110,9 @@ def main(argv: list[str]) -> int:
         train_idx = train_idx[: data_args.max_train_samples]
     # The processor is saved with the model, so the pipeline later preprocesses exactly as training did:
     # 8x8 RGB, scaled to [0, 1] and normalised to [-1, 1].
-    processor = ViTImageProcessor(
+    # The PIL backend, named explicitly: `ViTImageProcessor` wants torchvision (not a dependency) and warns when it
+    # falls back to this one.
+    processor = ViTImageProcessorPil(
         size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True
     )
     train_set = ImageDataset([images[i] for i in train_idx], labels[train_idx], processor)
