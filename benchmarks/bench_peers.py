@@ -103,7 +103,9 @@ def build_ours(
     model = PerceiverModel(config)
     model.set_attn_implementation(attn)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.24 renamed the switch (the old name warns there); older 5.x only has the old one.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model)
 

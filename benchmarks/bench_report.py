@@ -98,8 +98,9 @@ def markdown_table(results: dict) -> str:
     records = results["records"]
     lines = [
         f"Measured on **{results['card']}** ({results['date']}, torch {results['torch']}, transformers "
-        f"{results['transformers']}); bf16 autocast, fp32 params, forward + backward; MFU against a measured bf16 "
-        f"matmul ceiling of {results['matmul_tflops']:.3g} TFLOP/s.",
+        f"{results['transformers']}); bf16 autocast, fp32 params, forward + backward; "
+        + (f"MFU against a measured bf16 matmul ceiling of {results['matmul_tflops']:.3g} TFLOP/s."
+           if results.get("matmul_tflops") else "no MFU off the GPU."),
         "",
         "| impl | config | n | batch | ms | peak GiB | TFLOP/s | MFU | speedup vs peer |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -127,7 +128,7 @@ def _verdict(ok: bool) -> str:
 
 
 def summary_lines(results: dict) -> list[str]:
-    """One line per issue-5 target that the records can speak to, with the measured value and the target."""
+    """One line per benchmark target that the records can speak to, with the measured value and the target."""
     records = results["records"]
     out: list[str] = []
     for r in records:

@@ -1,10 +1,11 @@
-"""Training-step benchmark of hf-flash-perceiver against perceiver-pytorch and transformers' Perceiver (issue 5).
+"""Training-step benchmark of hf-flash-perceiver against perceiver-pytorch and transformers' Perceiver.
 
 Every record times one training step -- `zero_grad(set_to_none=True)`, forward under bf16 autocast with fp32
 parameters, `output.float().mean()` as the loss, backward; no optimizer step -- as the median of `--iters` steps after
 `--warmup` warm-up steps (CUDA events on a GPU), with the peak memory of those steps, the model FLOPs of the step
-(`torch.utils.flop_counter`), the achieved TFLOP/s and the MFU against a bf16 matmul ceiling measured in the same run.
-All implementations run side by side in one process, so their ratios come from one card.
+(`torch.utils.flop_counter`), the achieved TFLOP/s and, on a GPU, the MFU against a bf16 matmul ceiling measured in
+the same run (off the GPU there is no meaningful bf16 peak: MFU and the ceiling are null). All implementations run
+side by side in one process, so their ratios come from one card.
 
 Configurations (`--configs`):
 
@@ -17,7 +18,9 @@ Configurations (`--configs`):
 - `large`: latent_dim 1024, 512 latents, 16 self heads x 64, depth 8, n=16384, batch 32 (ours only).
 
 Results go to `<out-dir>/<YYYY-MM-DD>-<card>.json` (rewritten after every record, so a run cut short keeps what it
-measured). A record that ran out of memory has `oom: true` and `ms: null`; one that failed has `error`; one not run
+measured). `--out-dir` defaults to `benchmarks/results/` for a full GPU run only; a `--smoke` run or a run off the
+GPU writes into a fresh temporary folder unless `--out-dir` is given, so that it never becomes the "newest" results
+that `plot.py` renders. A record that ran out of memory has `oom: true` and `ms: null`; one that failed has `error`; one not run
 has `skipped` (peer not installed, time budget spent). Run `python benchmarks/run.py --help` for the options and
 `python benchmarks/plot.py` for the plots and the README table.
 """
@@ -34,6 +37,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -85,7 +89,8 @@ CONFIGS: dict[str, ConfigSpec] = {
     "large": ConfigSpec(Shape(128, 8, 512, 1024, 1, 64, 16, 64), ((16384, 32),), compile_ns=(16384,)),
 }
 
-# Same structure, tiny: every code path runs on a CPU in seconds (one compilation: ~20-60 s on a CPU).
+# Same structure, tiny: every eager code path runs on a CPU in seconds. Compiled variants are left out of a smoke run
+# unless named with --impls or --compile-points (one CPU compilation costs 20-60 s; tests/test_compile.py covers it).
 SMOKE_SHAPE = Shape(input_dim=16, depth=2, num_latents=8, latent_dim=32, cross_heads=1, cross_head_dim=16,
                     latent_heads=2, latent_head_dim=16)
 SMOKE_CONFIGS: dict[str, ConfigSpec] = {
@@ -164,7 +169,7 @@ class Context:
     args: argparse.Namespace
     device: torch.device
     configs: dict[str, ConfigSpec]
-    matmul_tflops: float = float("nan")
+    matmul_tflops: float | None = None  # the MFU denominator; None off the GPU
     ours_flops: dict[tuple[Shape, int], int] = field(default_factory=dict)
 
 
@@ -281,7 +286,8 @@ def measure(ctx: Context, job: Job, record: dict) -> None:
     record["ms_min"], record["ms_max"] = min(times), max(times)
     record["samples_per_s"] = job.batch / (ms / 1e3)
     record["tflops_per_s"] = flops / (ms / 1e3) / 1e12
-    record["mfu"] = record["tflops_per_s"] / ctx.matmul_tflops
+    # MFU only against a measured GPU bf16 ceiling: a CPU's "bf16 matmul" is no peak (tiny models exceeded it).
+    record["mfu"] = record["tflops_per_s"] / ctx.matmul_tflops if ctx.matmul_tflops is not None else None
     record["ms"] = ms  # last: a record with `ms` is a complete measurement
 
 
@@ -301,8 +307,11 @@ def empty_record(job: Job) -> dict:
 def free_memory(device: torch.device, compiled: bool) -> None:
     if compiled:
         torch._dynamo.reset()
-    gc.collect()
     if device.type == "cuda":
+        # Reference cycles can keep the last record's CUDA tensors alive into the next record's peak-memory
+        # measurement. Off the GPU no memory is measured, and a full collection with transformers imported costs
+        # about a second per record: most of a smoke run.
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
@@ -485,12 +494,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of budget a compiled record needs left to start, compilation included (default 120)")
     parser.add_argument("--record-reserve-s", type=float, default=10.0,
                         help="seconds of budget any other record needs left to start (default 10)")
-    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON (and profiles) are written (default: benchmarks/results)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where the JSON (and profiles) are written (default: benchmarks/results for a full GPU "
+                             "run; a fresh temporary folder for --smoke or a run off the GPU)")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes (a CPU runs every path in seconds); the file name gets '-smoke'")
+                        help="tiny shapes, eager variants only unless --impls/--compile-points name compiled ones (a "
+                             "CPU runs it in seconds); the file name gets '-smoke'")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--matmul-size", type=int, default=None,
-                        help="side of the bf16 matmul that measures the MFU ceiling (default 8192; smoke 256)")
+                        help="side of the bf16 matmul that measures the MFU ceiling on a GPU (default 8192; smoke "
+                             "256)")
     parser.add_argument("--tf-qk-channels", type=int, default=None,
                         help="transformers' Perceiver qk_channels (shared by its cross- and self-attention); "
                              "default: its own sizing")
@@ -499,7 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=_profile_request, action="append", default=[],
                         help="CONFIG:N[:IMPL]: after the records, write a kernel-time breakdown of that record "
                              "(default impl hf-flash-perceiver) to the out dir; repeatable")
+    argv_list = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.impls_given = any(a == "--impls" or a.startswith("--impls=") for a in argv_list)
     if args.iters is None:
         args.iters = 3 if args.smoke else 10
     if args.warmup is None:
@@ -543,7 +558,8 @@ def _fmt_record(r: dict) -> str:
         return f"{head}: ERROR {r['error'][:200]}"
     peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
     extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
-    return (f"{head}: {r['ms']:.2f} ms, {peak}, {r['tflops_per_s']:.1f} TFLOP/s, MFU {r['mfu']:.1%}{extra}")
+    mfu = "" if r.get("mfu") is None else f", MFU {r['mfu']:.1%}"
+    return f"{head}: {r['ms']:.2f} ms, {peak}, {r['tflops_per_s']:.3g} TFLOP/s{mfu}{extra}"
 
 
 def notes_for(ctx: Context) -> list[str]:
@@ -564,7 +580,8 @@ def notes_for(ctx: Context) -> list[str]:
         "Peers are counted on their own models (their attention is plain matmul/einsum, fully counted), so their "
         "flops show any difference in work. Masked records use the padded shape's FLOPs.",
         f"mfu: tflops_per_s / matmul_tflops, the bf16 {args.matmul_size}^3 matmul TFLOP/s measured in this run "
-        "(median of 10).",
+        "(median of 10); null off the GPU, where no bf16 peak is measured."
+        if ctx.device.type == "cuda" else "mfu and matmul_tflops: null off the GPU (no meaningful bf16 peak).",
         "speedup (plot.py/report): peer ms / impl ms at the same config, n, batch and masking (= throughput ratio).",
         "perceiver-pytorch: Perceiver(input_axis=1, fourier_encode_data=False, final_classifier_head=False) so it "
         "returns the final latents like our PerceiverModel; same depth, widths, heads and GEGLU MLP (ratio 4).",
@@ -587,6 +604,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.matmul_size is None:
         args.matmul_size = 256 if args.smoke else 8192
     configs = SMOKE_CONFIGS if args.smoke else CONFIGS
+    if args.smoke and not args.impls_given and args.compile_points is None:
+        args.impls = [name for name in args.impls if not IMPLS[name].compile]
+    if args.out_dir is None:
+        if args.smoke or device.type != "cuda":
+            args.out_dir = tempfile.mkdtemp(prefix=f"perceiver-bench-{'smoke' if args.smoke else device.type}-")
+        else:
+            args.out_dir = str(RESULTS_DIR)
     ctx = Context(args, device, configs)
     if device.type == "cpu" and not args.smoke:
         print("warning: full-size shapes on a CPU take hours; use --smoke", file=sys.stderr, flush=True)
@@ -611,9 +635,10 @@ def _run(ctx: Context, start: float) -> dict:
     stem = f"{date}-{slugify(card)}{'-smoke' if args.smoke else ''}"
     path = out_dir / f"{stem}.json"
 
-    ctx.matmul_tflops = matmul_ceiling(device, args.matmul_size)
-    print(f"[{time.perf_counter() - start:6.1f}s] {card}: bf16 matmul {args.matmul_size}^3 "
-          f"{ctx.matmul_tflops:.3g} TFLOP/s", flush=True)
+    if device.type == "cuda":
+        ctx.matmul_tflops = matmul_ceiling(device, args.matmul_size)
+        print(f"[{time.perf_counter() - start:6.1f}s] {card}: bf16 matmul {args.matmul_size}^3 "
+              f"{ctx.matmul_tflops:.3g} TFLOP/s", flush=True)
     jobs, unavailable_notes = plan(ctx)
     for note in unavailable_notes:
         print(f"note: {note}", flush=True)
@@ -678,7 +703,7 @@ def _run(ctx: Context, start: float) -> dict:
     write_json(path, results)
 
     print("\n" + report.markdown_table(results), flush=True)
-    print("\nTargets (issue 5):", flush=True)
+    print("\nTargets:", flush=True)
     for line in report.summary_lines(results) or ["(no comparable records)"]:
         print("  " + line, flush=True)
     print(f"\nwrote {path} in {results['elapsed_s']:.0f} s", flush=True)

@@ -19,15 +19,47 @@ import yaml
 from transformers import HfArgumentParser
 
 
+# A reloaded model must have bit-equal weights; its outputs need only agree within fp32 rounding: loaded tensors can
+# sit at other memory alignments than fresh ones, and some CPUs' vectorised kernels then sum in another order.
+RELOAD_RTOL = 1e-5
+RELOAD_ATOL = 1e-5
+
+
 @dataclass
 class RuntimeArguments:
     torch_num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads of torch (default: torch's choice, one per core)."}
     )
 
-    def apply(self) -> None:
+    def apply(self, training_args=None) -> None:
+        """Set torch's thread count; without an accelerator, also turn off `Trainer`'s pinned-memory data loading,
+        which then does nothing but warn on every run."""
         if self.torch_num_threads:
             torch.set_num_threads(self.torch_num_threads)
+        if training_args is not None and not accelerator_available():
+            training_args.dataloader_pin_memory = False
+
+
+def accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def reload_check(model: torch.nn.Module, reloaded: torch.nn.Module, logits, reloaded_logits) -> dict:
+    """Compare a reloaded model with the one it was saved from: every parameter and buffer bit-equal (the names
+    too), and the largest absolute difference of their logits on the same inputs; `ok` when the weights are
+    identical and the logits agree within fp32 rounding (RELOAD_RTOL, RELOAD_ATOL)."""
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    got = {**dict(reloaded.named_parameters()), **dict(reloaded.named_buffers())}
+    weights_identical = got.keys() == expected.keys() and all(
+        torch.equal(got[name].cpu(), t.cpu()) for name, t in expected.items()
+    )
+    logits, reloaded_logits = logits.detach().float().cpu(), reloaded_logits.detach().float().cpu()
+    close = logits.shape == reloaded_logits.shape and torch.allclose(
+        reloaded_logits, logits, rtol=RELOAD_RTOL, atol=RELOAD_ATOL
+    )
+    diff = (reloaded_logits - logits).abs().max().item() if logits.shape == reloaded_logits.shape else float("inf")
+    return {"weights_identical": weights_identical, "logits_max_abs_diff": diff, "ok": weights_identical and close}
 
 
 def yaml_value(text: str):
@@ -54,10 +86,17 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple:
     return HfArgumentParser(dataclass_types).parse_dict(values)
 
 
-def report(summary: dict, metric: str, minimum: float | None) -> int:
-    """Print the run's summary as JSON; the exit status is 1 when `summary[metric]` ended below `minimum`."""
+def report(summary: dict, metric: str, minimum: float | None, reload: dict | None = None) -> int:
+    """Print the run's summary as JSON; the exit status is 1 when `summary[metric]` ended below `minimum`, or when
+    the reload check (see `reload_check`) failed."""
     print(json.dumps(summary, indent=2))
+    status = 0
+    if reload is not None and not reload["ok"]:
+        print(f"FAILED: reloaded model differs (weights identical: {reload['weights_identical']}, "
+              f"logits max abs diff {reload['logits_max_abs_diff']:.3g}, allowed rtol={RELOAD_RTOL}, "
+              f"atol={RELOAD_ATOL})")
+        status = 1
     if minimum is not None and summary[metric] < minimum:
         print(f"FAILED: {metric} {summary[metric]:.4f} < {minimum}")
-        return 1
-    return 0
+        status = 1
+    return status

@@ -4,9 +4,11 @@
 
 The YAML file holds the fields of `ModelArguments`, `DataArguments`, `RuntimeArguments` and `TrainingArguments`
 (see example_args.py); `key=value` arguments after it override single fields (`num_train_epochs=1`). The script
-trains, evaluates on the held-out test split with `compute_metrics`, saves the model with its image processor (and a
-model card), reloads it with `AutoModelForImageClassification`, and classifies held-out images with
-`pipeline("image-classification")`. It exits non-zero when the test accuracy is below `min_test_accuracy`.
+trains, evaluates on the held-out test split with `compute_metrics`, saves the model with its code
+(`register_for_auto_class()`), its image processor and a model card, reloads it with
+`AutoModelForImageClassification`, checks the reloaded weights are bit-equal and its logits equal within fp32
+rounding, and classifies held-out images with `pipeline("image-classification")`. It exits non-zero when the test
+accuracy is below `min_test_accuracy` or the reload check fails.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from transformers import (
     AutoModelForImageClassification,
     Trainer,
     TrainingArguments,
-    ViTImageProcessor,
+    ViTImageProcessorPil,
     pipeline,
 )
 
-from example_args import RuntimeArguments, parse_config, report
+from example_args import RuntimeArguments, parse_config, reload_check, report
 
 from hf_flash_perceiver import PerceiverConfig, PerceiverForImageClassification
 
@@ -79,7 +81,7 @@ def digits_images() -> tuple[list[Image.Image], np.ndarray]:
 class ImageDataset(torch.utils.data.Dataset):
     """Images run through the image processor once; items are the dicts `Trainer` feeds the model."""
 
-    def __init__(self, images: list[Image.Image], labels: np.ndarray, processor: ViTImageProcessor):
+    def __init__(self, images: list[Image.Image], labels: np.ndarray, processor: ViTImageProcessorPil):
         self.pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
         self.labels = torch.as_tensor(labels, dtype=torch.long)
 
@@ -97,7 +99,7 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     model_args, data_args, runtime_args, training_args = parse_arguments(argv)
-    runtime_args.apply()
+    runtime_args.apply(training_args)
     start = time.perf_counter()
 
     images, labels = digits_images()
@@ -108,7 +110,9 @@ def main(argv: list[str]) -> int:
         train_idx = train_idx[: data_args.max_train_samples]
     # The processor is saved with the model, so the pipeline later preprocesses exactly as training did:
     # 8x8 RGB, scaled to [0, 1] and normalised to [-1, 1].
-    processor = ViTImageProcessor(
+    # The PIL backend, named explicitly: `ViTImageProcessor` wants torchvision (not a dependency) and warns when it
+    # falls back to this one.
+    processor = ViTImageProcessorPil(
         size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True
     )
     train_set = ImageDataset([images[i] for i in train_idx], labels[train_idx], processor)
@@ -134,18 +138,22 @@ def main(argv: list[str]) -> int:
     train_result = trainer.train()
     metrics = trainer.evaluate(test_set, metric_key_prefix="test")
 
+    # Saved with its modeling code and a complete auto_map (register_for_auto_class), so that the folder also loads
+    # where hf_flash_perceiver is not installed, with trust_remote_code=True -- as its model card says.
     output_dir = Path(training_args.output_dir)
+    type(model).register_for_auto_class()
     trainer.save_model(output_dir)
     processor.save_pretrained(output_dir)
     (output_dir / "README.md").write_text(model.model_card(output_dir.name), encoding="utf-8")
 
-    # Reload through the Auto class (registered by importing hf_flash_perceiver) and classify held-out images with
-    # the pipeline, which reads the saved processor.
-    reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    # Reload through the Auto class (registered by importing hf_flash_perceiver, which takes precedence over the
+    # saved code) and classify held-out images with the pipeline, which reads the saved processor. The reloaded
+    # weights must be bit-equal, its logits equal within fp32 rounding (see example_args.reload_check).
+    reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval().to(model.device)
     model.eval()
     with torch.no_grad():
         sample = test_set.pixel_values[:64].to(model.device)
-        reload_identical = torch.equal(reloaded.to(model.device)(sample).logits, model(sample).logits)
+        reload = reload_check(model, reloaded, model(sample).logits, reloaded(sample).logits)
     classifier = pipeline("image-classification", model=str(output_dir))
     test_images = [images[i] for i in test_idx]
     first = classifier(test_images[0], top_k=3)
@@ -156,14 +164,15 @@ def main(argv: list[str]) -> int:
         "test_accuracy": round(metrics["test_accuracy"], 4),
         "test_loss": round(metrics["test_loss"], 4),
         "pipeline_test_accuracy": round(pipeline_accuracy, 4),
-        "reloaded_logits_identical": reload_identical,
+        "reloaded_weights_identical": reload["weights_identical"],
+        "reloaded_logits_max_abs_diff": reload["logits_max_abs_diff"],
         "held_out_image": {"true_label": int(labels[test_idx[0]]), "pipeline_top3": first},
         "train_loss": round(train_result.training_loss, 4),
         "train_seconds": round(train_result.metrics["train_runtime"], 1),
         "total_seconds": round(time.perf_counter() - start, 1),
         "saved_to": str(output_dir),
     }
-    return report(summary, "test_accuracy", data_args.min_test_accuracy)
+    return report(summary, "test_accuracy", data_args.min_test_accuracy, reload)
 
 
 if __name__ == "__main__":

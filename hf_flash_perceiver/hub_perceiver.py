@@ -94,25 +94,7 @@ class PerceiverHubMixin:
             rows["labels"] = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
         table = ["| field | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()]]
 
-        auto = self._hub_auto_class
-        usage = [
-            "```python",
-            f"from transformers import {auto}",
-            "",
-            "# Without hf-flash-perceiver installed: the modeling code ships with the checkpoint.",
-            f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)',
-            "",
-            "# With `pip install hf-flash-perceiver`: importing the package registers the Auto classes.",
-            "import hf_flash_perceiver",
-            f'model = {auto}.from_pretrained("{repo_id}")',
-        ]
-        if self._hub_pipeline_tag:
-            usage += [
-                "",
-                "from transformers import pipeline",
-                f'pipe = pipeline("{self._hub_pipeline_tag}", model="{repo_id}", trust_remote_code=True)',
-            ]
-        usage.append("```")
+        usage = ["```python", *self._card_usage(repo_id), "```"]
         body = [
             f"# {repo_id}",
             "",
@@ -129,6 +111,43 @@ class PerceiverHubMixin:
             "",
         ]
         return "\n".join(front + [""] + body)
+
+    def _card_usage(self, repo_id: str) -> list[str]:
+        """The card's loading snippet, true to how the model is saved: a model registered with
+        `register_for_auto_class` saves its code and an `auto_map` (loads with `trust_remote_code=True`, package or
+        not); any other needs the package imported, which registers the "flash_perceiver" model type."""
+        auto, name = self._hub_auto_class, type(self).__name__
+        # IO models have no task Auto class: with the package imported, AutoModel gives the encoder, so load by class.
+        by_class = auto == "AutoModel" and name != "PerceiverModel"
+        with_package = (
+            [f"from hf_flash_perceiver import {name}", "", f'model = {name}.from_pretrained("{repo_id}")']
+            if by_class
+            else ["import hf_flash_perceiver  # registers the flash_perceiver model type with the Auto classes",
+                  f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{repo_id}")']
+        )
+        pipe = self._hub_pipeline_tag
+        if self._auto_class is not None:
+            lines = [
+                "# The modeling code ships with the checkpoint: no other package than transformers is needed.",
+                f"from transformers import {auto}",
+                "",
+                f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)',
+            ]
+            if pipe:
+                lines += ["", "from transformers import pipeline", "",
+                          f'pipe = pipeline("{pipe}", model="{repo_id}", trust_remote_code=True)']
+            return lines + ["", "# Or, with `pip install hf-flash-perceiver` (its classes take precedence):",
+                            *with_package]
+        lines = [
+            "# Needs `pip install hf-flash-perceiver`, and `import hf_flash_perceiver` before loading: without the",
+            "# import transformers does not know the model type `flash_perceiver` (its error then suggests upgrading",
+            "# transformers, which does not help). This checkpoint carries no modeling code: trust_remote_code cannot",
+            "# replace the package.",
+            *with_package,
+        ]
+        if pipe:
+            lines += ["", "from transformers import pipeline", "", f'pipe = pipeline("{pipe}", model="{repo_id}")']
+        return lines
 
     def push_to_hub(
         self,

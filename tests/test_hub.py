@@ -29,7 +29,7 @@ from hf_flash_perceiver import (
 )
 
 import heads_common
-from heads_common import perturbed
+from heads_common import assert_close_outputs, assert_same_weights_and_close_outputs, perturbed, weights_and_buffers
 
 
 CODE_FILES = {"modeling_perceiver.py", "configuration_perceiver.py", "layers.py", "attention_backends.py",
@@ -79,9 +79,16 @@ def save_registered(name: str, folder: Path) -> None:
     model, auto, inputs, field = build(name)
     type(model).register_for_auto_class()
     model.save_pretrained(folder)
+    save_check(model, auto, inputs, field, folder)
+
+
+def save_check(model, auto: str, inputs: dict, field: str, folder: Path) -> None:
+    """What the clean interpreter must reproduce: the weights and buffers, and the outputs for `inputs`."""
     with torch.no_grad():
         expected = getattr(model(**inputs), field)
-    torch.save({"inputs": inputs, "expected": expected, "field": field, "auto": auto}, folder / "check.pt")
+    state = {name: t.detach().clone() for name, t in weights_and_buffers(model).items()}
+    torch.save({"inputs": inputs, "expected": expected, "state": state, "field": field, "auto": auto},
+               folder / "check.pt")
 
 
 # Runs in a fresh interpreter. A meta-path finder placed first refuses `hf_flash_perceiver`, so the editable install
@@ -112,12 +119,17 @@ CLEAN_LOADER = textwrap.dedent(
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         with torch.no_grad():
             got = getattr(model(**check["inputs"]), check["field"])
+        torch.save(got, folder + "/got.pt")  # compared with the expected outputs within fp32 rounding, outside
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
         encoder = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
         results[folder] = {
             "class": type(model).__name__,
             "module": type(model).__module__,
-            "identical": bool(torch.equal(got, check["expected"])),
+            "same_weight_names": sorted(state) == sorted(check["state"]),
+            "weights_identical": all(
+                name in state and torch.equal(state[name], t) for name, t in check["state"].items()
+            ),
             "config_module": type(config).__module__,
             "auto_model_class": type(encoder).__name__,
         }
@@ -194,9 +206,7 @@ def test_trust_remote_code_and_push_to_hub_in_a_clean_interpreter(tmp_path, monk
     assert "pipeline_tag: image-classification" in card and "- digits" in card
     assert "| num_labels | 3 |" in card and "| patch_size | 2 |" in card
     assert 'AutoModelForImageClassification.from_pretrained("someone/tiny-perceiver-image", trust_remote_code=True)' in card
-    with torch.no_grad():
-        torch.save({"inputs": inputs, "expected": getattr(model(**inputs), field), "field": field, "auto": auto},
-                   pushed / "check.pt")
+    save_check(model, auto, inputs, field, pushed)
     folders.append(pushed)
 
     results = load_in_clean_interpreter(folders, tmp_path)
@@ -206,7 +216,10 @@ def test_trust_remote_code_and_push_to_hub_in_a_clean_interpreter(tmp_path, monk
         assert result["class"] == expected_cls, (name, result)
         assert result["module"].startswith("transformers_modules."), (name, result)
         assert result["config_module"].startswith("transformers_modules."), (name, result)
-        assert result["identical"], (name, result)
+        # Bit-equal weights, outputs within fp32 rounding (see heads_common).
+        assert result["same_weight_names"] and result["weights_identical"], (name, result)
+        check = torch.load(folder / "check.pt")
+        assert_close_outputs(torch.load(folder / "got.pt"), check["expected"])
         io = name in ("base", "io", "io_regression")
         assert result["auto_model_class"] == (expected_cls if io else "PerceiverModel"), (name, result)
 
@@ -229,5 +242,60 @@ def test_registered_auto_classes_load_without_remote_code(tmp_path, name, auto):
     model.save_pretrained(tmp_path)
     loaded = auto.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
-    with torch.no_grad():
-        assert torch.equal(getattr(loaded(**inputs), field), getattr(model(**inputs), field))
+    assert_same_weights_and_close_outputs(loaded, model, lambda m: getattr(m(**inputs), field))
+
+
+def _card_code(card: str) -> str:
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_model_card_tells_how_the_model_was_saved(tmp_path):
+    """The card's snippet claims remote code only where the folder carries it; otherwise it names the package and
+    the import, and the snippet runs as written."""
+    from transformers import ViTImageProcessor
+
+    model, _, inputs, field = build("image")
+    plain = model.model_card(str(tmp_path / "plain"))
+    assert "trust_remote_code=True" not in plain
+    assert "pip install hf-flash-perceiver" in plain and "import hf_flash_perceiver" in plain
+    model.save_pretrained(tmp_path / "plain")
+    assert not CODE_FILES & {p.name for p in (tmp_path / "plain").iterdir()}
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "plain")
+    namespace = {}
+    exec(_card_code(plain), namespace)  # the package is importable here, as the card requires
+    assert type(namespace["model"]) is type(model) and namespace["pipe"].task == "image-classification"
+    assert_same_weights_and_close_outputs(namespace["model"].eval(), model, lambda m: getattr(m(**inputs), field))
+
+    type(model).register_for_auto_class()
+    registered = model.model_card("me/registered")
+    assert 'AutoModelForImageClassification.from_pretrained("me/registered", trust_remote_code=True)' in registered
+    assert 'pipeline("image-classification", model="me/registered", trust_remote_code=True)' in registered
+    model.save_pretrained(tmp_path / "registered")
+    assert CODE_FILES <= {p.name for p in (tmp_path / "registered").iterdir()}
+
+    io = build("io_regression")[0]
+    card = io.model_card("me/io")
+    assert 'PerceiverIOForRegression.from_pretrained("me/io")' in card and "trust_remote_code=True" not in card
+    type(io).register_for_auto_class()
+    assert 'AutoModel.from_pretrained("me/io", trust_remote_code=True)' in io.model_card("me/io")
+
+
+def _readme_hub_snippet() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- section:hub -->", 1)[1].split("<!-- section:", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_hub_snippet_runs_and_loads_without_the_package(tmp_path):
+    snippet = _readme_hub_snippet()
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    folder = tmp_path / "my-perceiver"
+    assert CODE_FILES <= {p.name for p in folder.iterdir()}
+    # What the snippet saved loads where hf_flash_perceiver cannot be imported, with the same weights and outputs.
+    model = PerceiverForImageClassification.from_pretrained(folder).eval()
+    save_check(model, "AutoModelForImageClassification", {"pixel_values": torch.randn(2, 3, 8, 8)}, "logits", folder)
+    result = load_in_clean_interpreter([folder], tmp_path)[str(folder)]
+    assert result["class"] == "PerceiverForImageClassification" and result["weights_identical"], result
+    assert_close_outputs(torch.load(folder / "got.pt"), torch.load(folder / "check.pt")["expected"])
