@@ -416,8 +416,11 @@ def test_auto_model_loads_the_encoder_of_an_adapter_head(tmp_path):
     model = perturbed(PerceiverForImageClassification(tiny(num_labels=3)))
     assert model.config.input_dim == 16  # the adapter's width, pinned so that the encoder loads on its own
     model.save_pretrained(tmp_path)
-    encoder = AutoModel.from_pretrained(tmp_path).eval()
+    encoder, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    encoder.eval()
     assert type(encoder) is PerceiverModel
+    # The head's own weights are left out quietly (no table of unexpected keys); nothing of the encoder is missing.
+    assert not info["unexpected_keys"] and not info["missing_keys"]
     x = image_batch()
     assert_same_weights(encoder, model.perceiver)
     assert_close_outputs(encoder(model.input_adapter(x)).last_hidden_state, model.forward_features(x).last_hidden_state)
