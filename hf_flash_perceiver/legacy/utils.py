@@ -5,17 +5,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor, nn
 
+# `utils.encodings` is importable as a module path (`from hf_flash_perceiver.utils.encodings import X`, the seed's
+# `flash_perceiver.utils.encodings`) through the `sys.modules` aliases that `hf_flash_perceiver.legacy` installs.
 from . import encodings
-
-
-# `utils` is a module, not a package (the package stays flat); registering `encodings` under this dotted name keeps the
-# seed's import path `from ....utils.encodings import X` working, as `os.path` does for `os`.
-sys.modules.setdefault(f"{__name__}.encodings", encodings)
 
 
 def random_mask(x: Tensor) -> Tensor:

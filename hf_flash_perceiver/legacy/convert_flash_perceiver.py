@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .modeling_perceiver import PerceiverForSequenceClassification, PerceiverIOModel, PerceiverModel
+from ..modeling_perceiver import PerceiverForSequenceClassification, PerceiverIOModel, PerceiverModel
 from .seed_api import (
     OUTPUT_MODE_ALIASES,
     SEED_ENCODER_ARGS,

@@ -20,8 +20,8 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from .configuration_perceiver import POOLING_MODES, PerceiverConfig
-from .modeling_perceiver import (
+from ..configuration_perceiver import POOLING_MODES, PerceiverConfig
+from ..modeling_perceiver import (
     InputsType,
     MaskType,
     PerceiverForSequenceClassification,
