@@ -32,27 +32,14 @@ from torch import Tensor
 from ..modeling_perceiver import PerceiverForSequenceClassification, PerceiverIOModel, PerceiverModel
 from .seed_api import (
     OUTPUT_MODE_ALIASES,
-    SEED_ENCODER_ARGS,
-    SEED_QUERY_ARGS,
     Perceiver,
     PerceiverIO,
-    attn_implementation_for,
+    seed_args,
     seed_config,
+    seed_defaults,
     seed_mlp_hidden_size,
 )
 
-
-# Constructor arguments of the seed classes and their defaults there.
-_SEED_COMMON = dict(
-    input_dim=None, num_latents=512, latent_dim=512, cross_heads=1, cross_head_dim=64, cross_rotary_emb_dim=0,
-    cross_attn_dropout=0.0, latent_heads=8, latent_head_dim=64, latent_rotary_emb_dim=0, latent_attn_dropout=0.0,
-    latent_drop=0.0, weight_tie_layers=False, gated_mlp=True, num_zero_tokens=None, use_flash_attn=True, depth=None,
-)
-SEED_PERCEIVER_DEFAULTS = {**_SEED_COMMON, "output_dim": None, "output_mode": "mean", "self_per_cross_attn": 1}
-SEED_PERCEIVER_IO_DEFAULTS = {
-    **_SEED_COMMON, "query_dim": None, "proj_dim": None, "query_heads": 1, "query_head_dim": 64,
-    "query_rotary_emb_dim": 0, "query_attn_dropout": 0.0,
-}
 # Arguments of the conversion itself (not of the seed classes).
 CONVERTER_KWARGS = ("flash_attn_version", "mlp_multiple_of", "shared_input")
 # Not recorded in a checkpoint and not recoverable from weight shapes: the caller must say.
@@ -101,22 +88,23 @@ def _as_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _check_kwargs(seed_kwargs: dict[str, Any], is_io: bool) -> dict[str, Any]:
     """Reject unknown names, ask for what the weights cannot tell, alias `output_mode='mean'`."""
-    defaults = SEED_PERCEIVER_IO_DEFAULTS if is_io else SEED_PERCEIVER_DEFAULTS
-    unknown = sorted(set(seed_kwargs) - set(defaults) - set(CONVERTER_KWARGS))
+    kind = "PerceiverIO" if is_io else "Perceiver"
+    defaults = seed_defaults(kind)
+    names = [a.name for a in seed_args(kind)]
+    unknown = sorted(set(seed_kwargs) - set(names) - set(CONVERTER_KWARGS))
     if unknown:
-        kind = "PerceiverIO" if is_io else "Perceiver"
         raise TypeError(
             f"Unknown argument(s) {unknown} for a flash-perceiver {kind} checkpoint; expected the seed's constructor "
-            f"arguments {sorted(defaults)} or converter options {list(CONVERTER_KWARGS)}."
+            f"arguments {sorted(names)} or converter options {list(CONVERTER_KWARGS)}."
         )
     required = _REQUIRED + (_REQUIRED_IO if is_io else ())
     missing = [name for name in required if name not in seed_kwargs]
     if missing:
-        seed_defaults = ", ".join(f"{name}={defaults[name]!r}" for name in missing)
+        shown_defaults = ", ".join(f"{name}={defaults[name]!r}" for name in missing)
         raise ValueError(
             f"Pass {missing} exactly as given to the seed model's constructor: a checkpoint does not record them and "
             "its weights cannot tell them apart (a projection of width 512 fits 8 heads x 64 as well as 16 x 32; "
-            f"rotary adds no weights). The seed's defaults were {seed_defaults}."
+            f"rotary adds no weights). The seed's defaults were {shown_defaults}."
         )
     kwargs = dict(seed_kwargs)
     for name in required:
@@ -178,8 +166,8 @@ def _mlp_hidden(sd: dict[str, Tensor], kw: dict[str, Any], latent_dim: int) -> i
 
 def _complete(sd: dict[str, Tensor], kw: dict[str, Any], is_io: bool) -> dict[str, Any]:
     """The full set of seed arguments: the caller's, and for the rest what the weights show (else seed defaults)."""
-    defaults = SEED_PERCEIVER_IO_DEFAULTS if is_io else SEED_PERCEIVER_DEFAULTS
-    seed = {**defaults, **kw}
+    # `input_dim`, `depth` (and `query_dim`) have no default: they are read from the weights below when not given.
+    seed = {**seed_defaults("PerceiverIO" if is_io else "Perceiver"), **kw}
 
     def given(name: str) -> bool:
         return name in kw
@@ -422,23 +410,15 @@ def convert_flash_perceiver_checkpoint(state_dict: Mapping[str, Tensor], **seed_
     layout = _seed_layout(seed, is_io)
     _check_against_layout(sd, layout, seed)
 
-    common = {k: seed[k] for k in SEED_ENCODER_ARGS}
+    kind = "PerceiverIO" if is_io else "Perceiver"
+    config = seed_config(
+        kind, {a.name: seed[a.name] for a in seed_args(kind)}, seed_wiring=True, mlp_hidden_size=seed["mlp_hidden"]
+    )
     if is_io:
-        decoder = {k: seed[k] for k in SEED_QUERY_ARGS}
-        config = seed_config(
-            **common, **decoder, depth=1, self_per_cross_attn=seed["depth"], seed_wiring=True,
-            mlp_hidden_size=seed["mlp_hidden"], output_dim=seed["proj_dim"],
-        )
         hf_class, wrapper = PerceiverIOModel, PerceiverIO
     else:
-        head = {} if seed["output_dim"] is None else {"num_labels": seed["output_dim"], "pooling": seed["output_mode"]}
-        config = seed_config(
-            **common, depth=seed["depth"], self_per_cross_attn=seed["self_per_cross_attn"], seed_wiring=True,
-            mlp_hidden_size=seed["mlp_hidden"], **head,
-        )
         hf_class = PerceiverModel if seed["output_dim"] is None else PerceiverForSequenceClassification
         wrapper = Perceiver
-    config._attn_implementation = attn_implementation_for(seed["use_flash_attn"])
     model = hf_class(config)
     converted = {target: sd[p.key] for p in layout for target in p.targets}
     # strict: our model must receive exactly one tensor per parameter (a miss here is a converter bug).
