@@ -16,12 +16,13 @@ and `shared_input` (see [`convert_flash_perceiver_checkpoint`]).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -427,30 +428,75 @@ def convert_flash_perceiver_checkpoint(state_dict: Mapping[str, Tensor], **seed_
 
 
 # ---------------------------------------------------------------------------------------------------- command line
+# What `load_state_dict_file` accepts, said in every error it raises about a file's content.
+_EXPECTED_FILE = "expected a PyTorch state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a .safetensors file"
+
+
+def _not_a_state_dict(path: str, what: str) -> ValueError:
+    return ValueError(f"{path} {what}; {_EXPECTED_FILE}.")
+
+
+def _torch_load(path: str) -> Any:
+    """`torch.load(weights_only=True)`, with every failure to read the bytes turned into one `ValueError`.
+
+    torch reports unreadable files with whatever its reader hit (`UnpicklingError`, `EOFError`, `KeyError`,
+    `RuntimeError` from the zip reader, ...), and its weights-only message advises `weights_only=False`, i.e. running
+    the file's code. Neither helps someone who passed the wrong file, so only OS errors (missing file, no permission)
+    keep their type; anything else becomes a message that names the file and what was expected.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Raised for pickles torch.save did not write, just before they fail to load: noise next to our error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:
+        # A torch.save file that also pickles other objects (an optimizer, a config class): name the first one.
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if unsupported:
+            raise _not_a_state_dict(
+                path,
+                f"holds objects other than tensors ({unsupported.group(1)}), which a weights-only load does not read "
+                "(save the model's state_dict() alone)",
+            ) from None
+        raise _not_a_state_dict(path, "is not a torch.save file") from None
+    except Exception:  # noqa: BLE001 - any reader failure means the bytes are not a torch.save file (see docstring)
+        kind = "a zip archive but not a torch.save checkpoint" if zipfile.is_zipfile(path) else "not a torch.save file"
+        raise _not_a_state_dict(path, f"is {kind}") from None
+
+
+def _safetensors_load(path: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise _not_a_state_dict(path, f"is not a valid .safetensors file ({err})") from None
+
+
 def load_state_dict_file(path: str | os.PathLike, prefix: str = "") -> dict[str, Tensor]:
     """Read a state dict saved with `torch.save` (.pt/.pth/.bin/.ckpt, loaded with `weights_only=True`) or
     safetensors. A checkpoint dict holding it under `state_dict`, `model_state_dict` or `model` is unwrapped;
-    `prefix` is stripped from the keys that carry it (others are dropped)."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    `prefix` is stripped from the keys that carry it (others are dropped).
 
-        obj: Any = load_file(path)
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} holds more than tensors (weights-only loading refused it: {err}). Save the seed model's "
-                "`state_dict()` alone, e.g. torch.save(model.state_dict(), 'seed.pt')."
-            ) from err
+    Raises:
+        `ValueError`: the file is empty, is not a `torch.save` / safetensors file, or does not hold a state dict (the
+            message names the file and what was expected); no key carries `prefix`.
+        `OSError`: the file cannot be opened (missing, a directory, no permission).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise _not_a_state_dict(path, "is empty")
+    obj: Any = _safetensors_load(path) if path.endswith(".safetensors") else _torch_load(path)
     if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
+        raise _not_a_state_dict(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
     if prefix:
         obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
         if not obj:
@@ -471,15 +517,35 @@ def _read_seed_kwargs(text: str) -> dict[str, Any]:
     return kwargs
 
 
+# Exit codes of the command line: 2 (as argparse uses for bad arguments) when an argument names an unusable path (the
+# checkpoint is not a state dict file, the output path is a file), 1 when reading or converting fails otherwise.
+EXIT_BAD_PATH = 2
+EXIT_FAILED = 1
+_PROG = "convert-flash-perceiver-checkpoint"
+
+
+def _error(message: object, code: int) -> int:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`convert-flash-perceiver-checkpoint CHECKPOINT OUTPUT_DIR --seed-kwargs JSON`: convert and `save_pretrained`."""
+    """`convert-flash-perceiver-checkpoint CHECKPOINT OUTPUT_DIR --seed-kwargs JSON`: convert and `save_pretrained`.
+
+    Returns the exit status: 0 when the model was written; 2 when CHECKPOINT is not a state dict file (empty, not a
+    torch.save or safetensors file, not a state dict) or OUTPUT_DIR exists as a file; 1 when `--seed-kwargs` is not
+    valid, a file cannot be read or written, or the state dict does not fit the seed arguments. Errors are one
+    `convert-flash-perceiver-checkpoint: error: ...` message on stderr, without a traceback, and nothing is written.
+    """
+    import argparse
+
     parser = argparse.ArgumentParser(
-        prog="convert-flash-perceiver-checkpoint",
+        prog=_PROG,
         description="Convert a flash-perceiver 0.2.0 state dict into a hf-flash-perceiver model directory "
         "(loadable with transformers' Auto classes or Perceiver/PerceiverIO.from_pretrained).",
     )
     parser.add_argument("checkpoint", help="the seed model's state_dict: .pt/.pth/.bin/.ckpt (torch.save) or .safetensors")
-    parser.add_argument("output_dir", help="directory to write (save_pretrained)")
+    parser.add_argument("output_dir", help="directory to write (save_pretrained); created if missing")
     parser.add_argument(
         "--seed-kwargs", required=True,
         help='the seed constructor arguments as a JSON object or a JSON file, at least {"cross_heads": 1, '
@@ -488,15 +554,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prefix", default="", help="strip this prefix from the keys (e.g. 'model.' for Lightning)")
     args = parser.parse_args(argv)
+    # Checked before converting: `save_pretrained` only logs an error for a file path and writes nothing.
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return _error(
+            f"the output path {args.output_dir} is an existing file; expected a directory to write the converted "
+            "model into (an existing one, or a path to create).",
+            EXIT_BAD_PATH,
+        )
     try:
         seed_kwargs = _read_seed_kwargs(args.seed_kwargs)
+    except (ValueError, OSError) as err:
+        return _error(err, EXIT_FAILED)
+    try:
         state_dict = load_state_dict_file(args.checkpoint, args.prefix)
+    except ValueError as err:
+        return _error(err, EXIT_BAD_PATH)
+    except OSError as err:
+        # `err` names the file when it has no `strerror` (safetensors' FileNotFoundError).
+        return _error(f"cannot read the checkpoint {args.checkpoint}: {err.strerror}" if err.strerror else err, EXIT_FAILED)
+    try:
         model = convert_flash_perceiver_checkpoint(state_dict, **seed_kwargs)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"convert-flash-perceiver-checkpoint: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, TypeError) as err:
+        return _error(err, EXIT_FAILED)
     hf_model = model.to_hf()
-    hf_model.save_pretrained(args.output_dir)
+    try:
+        hf_model.save_pretrained(args.output_dir)
+    except OSError as err:
+        return _error(f"cannot write {args.output_dir}: {err}", EXIT_FAILED)
     print(f"Saved {type(hf_model).__name__} ({type(model).__name__} API) to {args.output_dir}")
     return 0
 
