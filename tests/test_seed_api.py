@@ -78,7 +78,8 @@ def test_seed_config_from_the_table():
     assert {name: getattr(config, name) for name in defaults} == defaults
     assert (config.input_dim, config.depth, config.num_labels, config.pooling) == (7, 3, 2, "average")
     assert config._attn_implementation == "sdpa"
-    io = seed_config("PerceiverIO", {"input_dim": 7, "query_dim": 5, "depth": 3, "proj_dim": 4, "use_flash_attn": False})
+    io_args = {"input_dim": 7, "query_dim": 5, "depth": 3, "proj_dim": 4, "use_flash_attn": False}
+    io = seed_config("PerceiverIO", io_args)
     assert (io.depth, io.self_per_cross_attn, io.query_dim, io.output_dim) == (1, 3, 5, 4)
     assert io._attn_implementation == "eager"
     with pytest.raises(TypeError, match=r"Unknown argument\(s\) \['output_dim'\] for flash-perceiver's PerceiverIO"):

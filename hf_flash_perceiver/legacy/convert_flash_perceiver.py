@@ -571,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(err, EXIT_BAD_PATH)
     except OSError as err:
         # `err` names the file when it has no `strerror` (safetensors' FileNotFoundError).
-        return _error(f"cannot read the checkpoint {args.checkpoint}: {err.strerror}" if err.strerror else err, EXIT_FAILED)
+        message = f"cannot read the checkpoint {args.checkpoint}: {err.strerror}" if err.strerror else err
+        return _error(message, EXIT_FAILED)
     try:
         model = convert_flash_perceiver_checkpoint(state_dict, **seed_kwargs)
     except (ValueError, TypeError) as err:
