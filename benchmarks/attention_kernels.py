@@ -1,6 +1,6 @@
 """Times the masked cross-attention kernels this package can dispatch to (fwd+bwd, bf16) on one GPU.
 
-The numbers justify the masked-kernel choice in `hf_flash_perceiver/attention.py`.
+The numbers justify the masked-kernel choice in `hf_flash_perceiver/attention_backends.py`.
 Usage: python benchmarks/attention_kernels.py [--out results.json]
 """
 
@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from hf_flash_perceiver.attention import KeyPaddingMask, attention, flash_attn_4_available, flash_attn_available
+from hf_flash_perceiver.attention_backends import KeyPaddingMask, attention, flash_attn_4_available, flash_attn_available
 
 
 def time_ms(fn, iters=20, warmup=5):

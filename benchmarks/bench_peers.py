@@ -75,15 +75,14 @@ class HFFlashPerceiver(nn.Module):
 
 def flash_attn_4_available() -> bool:
     """flash-attn-4's CuTe kernels are importable *and* this package has a backend for them (older checkouts don't)."""
-    # `hf_flash_perceiver.attention` the attribute is the function of that name; the module is in sys.modules.
-    attention = importlib.import_module("hf_flash_perceiver.attention")
-    if "flash_attention_4" not in attention.ATTENTION_FUNCTIONS:
+    backends = importlib.import_module("hf_flash_perceiver.attention_backends")
+    if "flash_attention_4" not in backends.ATTENTION_FUNCTIONS:
         return False
-    return getattr(attention, "flash_attn_4_available", lambda: False)()
+    return getattr(backends, "flash_attn_4_available", lambda: False)()
 
 
 def flash_attn_2_available() -> bool:
-    from hf_flash_perceiver.attention import flash_attn_available
+    from hf_flash_perceiver.attention_backends import flash_attn_available
 
     return flash_attn_available()
 

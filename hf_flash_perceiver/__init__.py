@@ -27,9 +27,7 @@ from .modeling_perceiver import (
 )
 
 # The flash-perceiver 0.2.0 API (`from hf_flash_perceiver import Perceiver, PerceiverIO, utils`) and its converter.
-from . import adapters, encodings, utils
-from .convert_flash_perceiver import convert_flash_perceiver_checkpoint
-from .seed_api import Perceiver, PerceiverIO
+from .legacy import Perceiver, PerceiverIO, adapters, convert_flash_perceiver_checkpoint, encodings, utils
 
 
 __version__ = "0.1.0"

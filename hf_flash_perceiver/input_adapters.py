@@ -65,7 +65,7 @@ def fourier_position_features(
         `torch.Tensor` of shape `(prod(shape), len(shape) * (2 * num_bands + 1))`, row-major over the grid.
     """
     max_resolution = tuple(shape) if max_resolution is None else tuple(max_resolution)
-    # A one-point axis sits at the centre, 0 (flash-perceiver's legacy `meshgrid` puts it at -1, as the seed did).
+    # A one-point axis sits at the centre, 0 (the legacy `utils.meshgrid` keeps the seed's -1 there).
     axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
     positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
     return fourier_features(positions, num_bands, max_resolution).to(dtype)

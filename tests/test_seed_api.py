@@ -16,6 +16,7 @@ from hf_flash_perceiver import (
     PerceiverIOModel,
     PerceiverModel,
 )
+from hf_flash_perceiver.legacy.seed_api import REQUIRED, SEED_ARGS, seed_args, seed_config
 
 
 TOL = 1e-5  # fp32 CPU: SDPA vs eager, or the wrapper vs the same math written out
@@ -54,6 +55,39 @@ def test_signatures_match_the_seed():
     io = inspect.signature(PerceiverIO).parameters
     for name in ("query_dim", "proj_dim", "query_heads", "query_head_dim", "query_rotary_emb_dim", "query_attn_dropout"):
         assert name in io
+
+
+@pytest.mark.parametrize("cls", [Perceiver, PerceiverIO])
+def test_signatures_are_the_argument_table(cls):
+    # The constructors keep explicit signatures (the public API); the table they must equal drives `seed_config` and
+    # the converter, so an argument added or re-defaulted in one place only fails here.
+    params = list(inspect.signature(cls).parameters.values())
+    table = seed_args(cls.__name__)
+    assert [p.name for p in params] == [a.name for a in table] + ["seed_wiring"]
+    for param, arg in zip(params, table):
+        # Compare types too: `False == 0` and `0 == 0.0` would hide a changed default.
+        assert (type(param.default), param.default) == (type(arg.default), arg.default), param.name
+    assert params[-1].default is False
+    both = set(inspect.signature(Perceiver).parameters) | set(inspect.signature(PerceiverIO).parameters)
+    assert {a.name for a in SEED_ARGS} == both - {"seed_wiring"}
+
+
+def test_seed_config_from_the_table():
+    config = seed_config("Perceiver", {"input_dim": 7, "depth": 3, "output_dim": 2, "output_mode": "mean"})
+    defaults = {a.name: a.default for a in seed_args("Perceiver") if a.to_config and a.default is not REQUIRED}
+    assert {name: getattr(config, name) for name in defaults} == defaults
+    assert (config.input_dim, config.depth, config.num_labels, config.pooling) == (7, 3, 2, "average")
+    assert config._attn_implementation == "sdpa"
+    io_args = {"input_dim": 7, "query_dim": 5, "depth": 3, "proj_dim": 4, "use_flash_attn": False}
+    io = seed_config("PerceiverIO", io_args)
+    assert (io.depth, io.self_per_cross_attn, io.query_dim, io.output_dim) == (1, 3, 5, 4)
+    assert io._attn_implementation == "eager"
+    with pytest.raises(TypeError, match=r"Unknown argument\(s\) \['output_dim'\] for flash-perceiver's PerceiverIO"):
+        seed_config("PerceiverIO", {"input_dim": 7, "query_dim": 5, "depth": 3, "output_dim": 4})
+    with pytest.raises(TypeError, match=r"needs the argument\(s\) \['depth'\]"):
+        seed_config("Perceiver", {"input_dim": 7})
+    with pytest.raises(ValueError, match=r"`model` must be one of \['Perceiver', 'PerceiverIO'\], got 'Perceiver IO'"):
+        seed_config("Perceiver IO", {})
 
 
 @pytest.mark.parametrize("mode", ["average", "mean", "concat", "first"])
@@ -215,6 +249,20 @@ def test_perceiver_io_queries_and_query_mask():
         model(x, queries=queries, query_mask=query_mask[:, :3])
 
 
+def assert_same_weights(loaded: torch.nn.Module, saved: torch.nn.Module) -> None:
+    """Parameters and buffers survive saving exactly."""
+    loaded_sd, saved_sd = loaded.state_dict(), saved.state_dict()
+    assert loaded_sd.keys() == saved_sd.keys()
+    for name, tensor in saved_sd.items():
+        assert torch.equal(loaded_sd[name], tensor), name
+
+
+# Outputs after a save/load round trip: the weights are bit-identical (checked with `torch.equal`), but a loaded tensor
+# may sit at a different memory alignment, and CPU kernels may then round fp32 sums differently; so outputs agree to
+# fp32 rounding, not bit for bit.
+ROUND_TRIP = dict(rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("output_dim", [None, 4])
 def test_perceiver_round_trip_through_save_pretrained_and_auto(tmp_path, output_dim):
     model = small_perceiver(output_dim=output_dim)
@@ -225,14 +273,17 @@ def test_perceiver_round_trip_through_save_pretrained_and_auto(tmp_path, output_
         latents = model(x, mask, return_embeddings=True)
         loaded = Perceiver.from_pretrained(tmp_path)
         assert not loaded.training and loaded.output_dim == output_dim
-        torch.testing.assert_close(loaded(x, mask), expected, atol=0, rtol=0)
+        assert_same_weights(loaded, model)
+        torch.testing.assert_close(loaded(x, mask), expected, **ROUND_TRIP)
         auto = AutoModel.from_pretrained(tmp_path)
         assert type(auto) is PerceiverModel
-        torch.testing.assert_close(auto(x, attention_mask=mask).last_hidden_state, latents, atol=0, rtol=0)
+        assert_same_weights(auto, model.encoder_model)
+        torch.testing.assert_close(auto(x, attention_mask=mask).last_hidden_state, latents, **ROUND_TRIP)
         if output_dim is not None:
             clf = AutoModelForSequenceClassification.from_pretrained(tmp_path)
-            torch.testing.assert_close(clf(x, attention_mask=mask).logits, expected, atol=0, rtol=0)
-            torch.testing.assert_close(Perceiver.from_hf(clf)(x, mask), expected, atol=0, rtol=0)
+            assert_same_weights(clf, model.to_hf())
+            torch.testing.assert_close(clf(x, attention_mask=mask).logits, expected, **ROUND_TRIP)
+            torch.testing.assert_close(Perceiver.from_hf(clf)(x, mask), expected, **ROUND_TRIP)
 
 
 def test_perceiver_io_round_trip(tmp_path):
@@ -242,10 +293,12 @@ def test_perceiver_io_round_trip(tmp_path):
     queries = torch.randn(4, 16)
     with torch.no_grad():
         loaded = PerceiverIO.from_pretrained(tmp_path)
-        torch.testing.assert_close(loaded(x, mask, queries=queries), model(x, mask, queries=queries), atol=0, rtol=0)
+        assert_same_weights(loaded, model)
+        torch.testing.assert_close(loaded(x, mask, queries=queries), model(x, mask, queries=queries), **ROUND_TRIP)
         # AutoModel gives the encoder, i.e. what the seed's PerceiverIO returns without queries.
         auto = AutoModel.from_pretrained(tmp_path)
-        torch.testing.assert_close(auto(x, attention_mask=mask).last_hidden_state, model(x, mask), atol=0, rtol=0)
+        assert_same_weights(auto, model.encoder_model)
+        torch.testing.assert_close(auto(x, attention_mask=mask).last_hidden_state, model(x, mask), **ROUND_TRIP)
     with pytest.raises(ValueError, match="expects a checkpoint of PerceiverModel, PerceiverForSequenceClassification"):
         Perceiver.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="PerceiverIO.from_hf expects a PerceiverIOModel, got PerceiverModel"):

@@ -7,8 +7,14 @@ keys directly and shares nothing with the package. Each quirk of the seed it rep
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.metadata
+import json
 import math
+import tomllib
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +30,7 @@ from hf_flash_perceiver import (
     PerceiverModel,
     convert_flash_perceiver_checkpoint,
 )
-from hf_flash_perceiver.convert_flash_perceiver import main
+from hf_flash_perceiver.legacy.convert_flash_perceiver import load_state_dict_file, main
 
 
 PARITY_TOL = 1e-5  # fp32 CPU, converted model vs the fp32 reference of the seed's math: summation order only
@@ -511,7 +517,75 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing.pt"), str(tmp_path / "out"), "--seed-kwargs", "{}"]) == 1
 
 
+def _random_bytes(n: int = 4096) -> bytes:
+    return bytes(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist())
+
+
+def _zip_without_checkpoint(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+
+
+# Files that are not a state dict: (file name, writer, what the error says about it).
+BAD_CHECKPOINTS = {
+    "text": ("seed.pt", lambda path: path.write_text("epoch 3, loss 0.12\n"), "is not a torch.save file"),
+    "empty": ("seed.pt", lambda path: path.write_bytes(b""), "is empty"),
+    "zip": ("seed.pt", _zip_without_checkpoint, "is a zip archive but not a torch.save checkpoint"),
+    "garbage-safetensors": ("seed.safetensors", lambda path: path.write_bytes(_random_bytes()),
+                            "is not a valid .safetensors file"),
+    # torch's own message for these advises `weights_only=False`, i.e. running the file's code: never relayed.
+    "random-bytes": ("seed.pt", lambda path: path.write_bytes(_random_bytes()), "is not a torch.save file"),
+    "non-tensor-objects": ("seed.ckpt", lambda path: torch.save(
+        {"state_dict": seed_state_dict(SMALL), "hparams": argparse.Namespace(lr=0.1)}, path),
+        "holds objects other than tensors (argparse.Namespace)"),
+    "a-tensor": ("seed.pt", lambda path: torch.save(torch.zeros(3), path), "holds a Tensor, not a state dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_unreadable_checkpoint_is_one_error_line_and_exit_2(tmp_path, capsys, case):
+    name, write, what = BAD_CHECKPOINTS[case]
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError) as info:
+        load_state_dict_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} {what}")
+    assert message.endswith("expected a PyTorch state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a "
+                            ".safetensors file.")
+    assert "weights_only" not in message and "\n" not in message
+    out = tmp_path / "out"
+    kw = json.dumps(converter_kwargs(SMALL))
+    assert main([str(path), str(out), "--seed-kwargs", kw]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"convert-flash-perceiver-checkpoint: error: {message}\n"  # one line, no traceback
+    assert captured.out == "" and not out.exists()
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    torch.save(seed_state_dict(SMALL), tmp_path / "seed.pt")
+    out = tmp_path / "converted"
+    out.write_text("keep me")
+    assert main([str(tmp_path / "seed.pt"), str(out), "--seed-kwargs", json.dumps(converter_kwargs(SMALL))]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"convert-flash-perceiver-checkpoint: error: the output path {out} is an existing file; "
+                            "expected a directory to write the converted model into (an existing one, or a path to "
+                            "create).\n")
+    assert captured.out == "" and out.read_text() == "keep me"
+
+
 def test_console_script_entry_point():
     (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts")
                 if e.name == "convert-flash-perceiver-checkpoint"]
     assert entry.load() is main
+
+
+def test_console_script_in_pyproject_is_main():
+    # The installed entry point above may come from an older install; the project file is what the next one uses.
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("needs the source tree's pyproject.toml")
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["convert-flash-perceiver-checkpoint"]
+    module, _, attr = target.partition(":")
+    assert module == "hf_flash_perceiver.legacy.convert_flash_perceiver"
+    assert getattr(importlib.import_module(module), attr) is main

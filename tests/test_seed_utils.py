@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from hf_flash_perceiver import utils
+from hf_flash_perceiver import fourier_position_features, utils
 from hf_flash_perceiver.adapters import ImageAdapter
 from hf_flash_perceiver.encodings import BasePositionalEncoding
 
@@ -43,6 +48,17 @@ def test_meshgrid():
     assert batched.shape == (4, 2, 2, 2, 3) and torch.equal(batched[3], utils.meshgrid(2, 2, 2))
     with pytest.raises(ValueError, match="one positive int per axis"):
         utils.meshgrid(0, 2)
+
+
+def test_one_point_axis_legacy_grid_vs_core_grid():
+    # The legacy grid is the seed's `torch.linspace(-1, 1, n)`: a one-point axis sits at -1. The core image grid
+    # centres it at 0. Longer axes are the same linspace in both.
+    legacy = utils.meshgrid(1, 3)
+    assert torch.equal(legacy[..., 0], torch.full((1, 3), -1.0))
+    core_positions = fourier_position_features((1, 3), num_bands=2)[:, :2]  # the positions come first
+    assert torch.equal(core_positions[:, 0], torch.zeros(3))
+    assert torch.equal(core_positions[:, 1], legacy[0, :, 1])
+    assert torch.equal(legacy[0, :, 1], torch.tensor([-1.0, 0.0, 1.0]))
 
 
 def test_fourier_and_gaussian_encodings():
@@ -170,3 +186,58 @@ def test_seed_import_paths():
     assert NeRFPositionalEncoding is utils.encodings.NeRFPositionalEncoding is hf_flash_perceiver.encodings.NeRFPositionalEncoding
     assert FromAdapters is hf_flash_perceiver.adapters.ImageAdapter
     assert {"random_mask", "numel", "meshgrid", "encodings"} <= set(dir(hf_flash_perceiver.utils))
+
+
+# Former flat-layout module paths -> the modules of the legacy subpackage.
+FORMER_PATHS = {
+    "hf_flash_perceiver.utils": "hf_flash_perceiver.legacy.utils",
+    "hf_flash_perceiver.utils.encodings": "hf_flash_perceiver.legacy.encodings",
+    "hf_flash_perceiver.encodings": "hf_flash_perceiver.legacy.encodings",
+    "hf_flash_perceiver.adapters": "hf_flash_perceiver.legacy.adapters",
+    "hf_flash_perceiver.seed_api": "hf_flash_perceiver.legacy.seed_api",
+    "hf_flash_perceiver.convert_flash_perceiver": "hf_flash_perceiver.legacy.convert_flash_perceiver",
+    "hf_flash_perceiver.legacy.utils.encodings": "hf_flash_perceiver.legacy.encodings",
+}
+
+
+@pytest.mark.parametrize("former", list(FORMER_PATHS))
+def test_former_module_paths_are_the_legacy_modules(former):
+    assert importlib.import_module(former) is importlib.import_module(FORMER_PATHS[former])
+
+
+def test_former_names_are_the_legacy_objects():
+    import hf_flash_perceiver
+    from hf_flash_perceiver.adapters import ImageAdapter as FormerImageAdapter
+    from hf_flash_perceiver.convert_flash_perceiver import convert_flash_perceiver_checkpoint as former_convert
+    from hf_flash_perceiver.convert_flash_perceiver import main as former_main
+    from hf_flash_perceiver.encodings import BasePositionalEncoding as FormerBase
+    from hf_flash_perceiver.legacy import adapters, convert_flash_perceiver, encodings, seed_api
+    from hf_flash_perceiver.legacy import utils as legacy_utils
+    from hf_flash_perceiver.seed_api import Perceiver as FormerPerceiver
+    from hf_flash_perceiver.utils.encodings import NeRFPositionalEncoding as FormerNeRF
+
+    assert hf_flash_perceiver.utils is utils is legacy_utils
+    assert (hf_flash_perceiver.adapters, hf_flash_perceiver.encodings) == (adapters, encodings)
+    assert hf_flash_perceiver.Perceiver is FormerPerceiver is seed_api.Perceiver
+    assert hf_flash_perceiver.PerceiverIO is seed_api.PerceiverIO
+    assert FormerImageAdapter is adapters.ImageAdapter
+    assert FormerBase is encodings.BasePositionalEncoding and FormerNeRF is encodings.NeRFPositionalEncoding
+    assert former_main is convert_flash_perceiver.main
+    assert former_convert is convert_flash_perceiver.convert_flash_perceiver_checkpoint
+    assert hf_flash_perceiver.convert_flash_perceiver_checkpoint is former_convert
+
+
+def test_former_paths_import_first_in_a_fresh_interpreter():
+    # As a user's script or the console script does: the former path is the first import of the package.
+    code = (
+        "from hf_flash_perceiver.utils.encodings import NeRFPositionalEncoding\n"
+        "from hf_flash_perceiver.convert_flash_perceiver import main\n"
+        "import hf_flash_perceiver.legacy.encodings as e, hf_flash_perceiver.legacy.convert_flash_perceiver as c\n"
+        "assert NeRFPositionalEncoding is e.NeRFPositionalEncoding and main is c.main\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr

@@ -5,17 +5,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor, nn
 
+# `utils.encodings` is importable as a module path (`from hf_flash_perceiver.utils.encodings import X`, the seed's
+# `flash_perceiver.utils.encodings`) through the `sys.modules` aliases that `hf_flash_perceiver.legacy` installs.
 from . import encodings
-
-
-# `utils` is a module, not a package (the package stays flat); registering `encodings` under this dotted name keeps the
-# seed's import path `from ....utils.encodings import X` working, as `os.path` does for `os`.
-sys.modules.setdefault(f"{__name__}.encodings", encodings)
 
 
 def random_mask(x: Tensor) -> Tensor:
@@ -42,7 +37,11 @@ def numel(m: nn.Module, only_trainable: bool = True) -> int:
 
 
 def meshgrid(*size: int, batch_size: int | None = None) -> Tensor:
-    """Coordinates of a regular grid in `[-1, 1]^d`.
+    """Coordinates of a regular grid in `[-1, 1]^d`, as flash-perceiver 0.2.0 computed them.
+
+    Each axis is `torch.linspace(-1, 1, n)`, the seed's code, so a one-point axis sits at -1 (seed checkpoints were
+    trained on that). [`fourier_position_features`] (the core image adapter's grid) puts a one-point axis at 0, the
+    centre; the two agree for every axis of two or more points.
 
     Args:
         size (`int`...): points per axis, e.g. `meshgrid(h, w)`.

@@ -13,15 +13,16 @@ The forward of every wrapper is the HF model's forward; the wrappers only transl
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from .configuration_perceiver import POOLING_MODES, PerceiverConfig
-from .modeling_perceiver import (
+from ..configuration_perceiver import POOLING_MODES, PerceiverConfig
+from ..modeling_perceiver import (
     InputsType,
     MaskType,
     PerceiverForSequenceClassification,
@@ -41,15 +42,81 @@ SEED_WIRING = dict(
 # flash-attn's GatedMlp rounds its hidden width up to a multiple of 128 (flash-attn >= 2.4; 256 up to 2.3).
 SEED_MLP_MULTIPLE_OF = 128
 OUTPUT_MODE_ALIASES = {"mean": "average"}
-# Seed constructor arguments that carry over to `PerceiverConfig` under the same name.
-SEED_ENCODER_ARGS = (
-    "input_dim", "num_latents", "latent_dim", "cross_heads", "cross_head_dim", "cross_rotary_emb_dim",
-    "cross_attn_dropout", "latent_heads", "latent_head_dim", "latent_rotary_emb_dim", "latent_attn_dropout",
-    "latent_drop", "weight_tie_layers", "gated_mlp", "num_zero_tokens",
-)
-SEED_QUERY_ARGS = ("query_dim", "query_heads", "query_head_dim", "query_rotary_emb_dim", "query_attn_dropout")
 # `from_pretrained` arguments that locate the checkpoint (also needed to read its config first).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+# Default of an argument the caller must pass (the marker `inspect.signature` uses, so signatures compare directly).
+REQUIRED = inspect.Parameter.empty
+
+
+class SeedArg(NamedTuple):
+    """One constructor argument of `flash-perceiver` 0.2.0's `Perceiver` / `PerceiverIO`.
+
+    Attributes:
+        name (`str`): the argument's name.
+        default (`Any`): its default in the seed and in [`Perceiver`] / [`PerceiverIO`] here (`REQUIRED`: none).
+        models (`tuple[str, ...]`): the seed classes that take it, `"Perceiver"` and/or `"PerceiverIO"`.
+        to_config (`bool`): True when it becomes the [`PerceiverConfig`] field of the same name unchanged; False when
+            [`seed_config`] maps it (`depth`, the output arguments, `use_flash_attn`).
+    """
+
+    name: str
+    default: Any
+    models: tuple[str, ...]
+    to_config: bool
+
+
+_BOTH = ("Perceiver", "PerceiverIO")
+_PERCEIVER = ("Perceiver",)
+_IO = ("PerceiverIO",)
+
+# The seed's constructor arguments, the one place they are listed: the wrappers' signatures are checked against it
+# (tests/test_seed_api.py), and `seed_config` and the converter's defaults and argument checks are derived from it.
+# Listed in the order of both signatures (each class's arguments, in table order, are its signature).
+SEED_ARGS: tuple[SeedArg, ...] = (
+    SeedArg("input_dim", REQUIRED, _BOTH, True),
+    SeedArg("query_dim", REQUIRED, _IO, True),
+    SeedArg("depth", REQUIRED, _BOTH, False),
+    SeedArg("output_dim", None, _PERCEIVER, False),
+    # The seed's signature said "mean", which its forward rejected; "average" is what it computed ("mean" is an alias).
+    SeedArg("output_mode", "average", _PERCEIVER, False),
+    SeedArg("proj_dim", None, _IO, False),
+    SeedArg("num_latents", 512, _BOTH, True),
+    SeedArg("latent_dim", 512, _BOTH, True),
+    SeedArg("cross_heads", 1, _BOTH, True),
+    SeedArg("cross_head_dim", 64, _BOTH, True),
+    SeedArg("cross_rotary_emb_dim", 0, _BOTH, True),
+    SeedArg("cross_attn_dropout", 0.0, _BOTH, True),
+    SeedArg("latent_heads", 8, _BOTH, True),
+    SeedArg("latent_head_dim", 64, _BOTH, True),
+    SeedArg("latent_rotary_emb_dim", 0, _BOTH, True),
+    SeedArg("latent_attn_dropout", 0.0, _BOTH, True),
+    SeedArg("latent_drop", 0.0, _BOTH, True),
+    SeedArg("query_heads", 1, _IO, True),
+    SeedArg("query_head_dim", 64, _IO, True),
+    SeedArg("query_rotary_emb_dim", 0, _IO, True),
+    SeedArg("query_attn_dropout", 0.0, _IO, True),
+    SeedArg("weight_tie_layers", False, _BOTH, True),
+    SeedArg("gated_mlp", True, _BOTH, True),
+    SeedArg("self_per_cross_attn", 1, _PERCEIVER, True),
+    SeedArg("num_zero_tokens", None, _BOTH, True),
+    SeedArg("use_flash_attn", True, _BOTH, False),
+)
+SEED_MODELS = _BOTH
+# Encoder arguments shared by both classes that carry over to `PerceiverConfig` under the same name.
+SEED_ENCODER_ARGS = tuple(a.name for a in SEED_ARGS if a.models == _BOTH and a.to_config)
+
+
+def seed_args(model: str) -> tuple[SeedArg, ...]:
+    """The constructor arguments of the seed's `model` (`"Perceiver"` or `"PerceiverIO"`), in its signature's order."""
+    if model not in SEED_MODELS:
+        raise ValueError(f"`model` must be one of {list(SEED_MODELS)}, got {model!r}.")
+    return tuple(a for a in SEED_ARGS if model in a.models)
+
+
+def seed_defaults(model: str) -> dict[str, Any]:
+    """`{name: default}` of the seed's `model` for the arguments that have a default."""
+    return {a.name: a.default for a in seed_args(model) if a.default is not REQUIRED}
 
 
 def seed_mlp_hidden_size(latent_dim: int, multiple_of: int = SEED_MLP_MULTIPLE_OF) -> int:
@@ -64,68 +131,75 @@ def attn_implementation_for(use_flash_attn: bool) -> str:
     return "sdpa" if use_flash_attn else "eager"
 
 
+def pooling_for(output_mode: str) -> str:
+    """The `PerceiverConfig.pooling` of a seed `output_mode` (`"mean"` is an alias of `"average"`)."""
+    pooling = OUTPUT_MODE_ALIASES.get(output_mode, output_mode)
+    if pooling not in POOLING_MODES:
+        raise ValueError(
+            f"Unknown output_mode {output_mode!r}; expected one of {list(POOLING_MODES) + list(OUTPUT_MODE_ALIASES)}."
+        )
+    return pooling
+
+
 def seed_config(
+    model: str,
+    arguments: Mapping[str, Any],
     *,
-    input_dim: int | Sequence[int],
-    depth: int,
-    num_latents: int | None,
-    latent_dim: int,
-    cross_heads: int,
-    cross_head_dim: int,
-    cross_rotary_emb_dim: int,
-    cross_attn_dropout: float,
-    latent_heads: int,
-    latent_head_dim: int,
-    latent_rotary_emb_dim: int,
-    latent_attn_dropout: float,
-    latent_drop: float,
-    weight_tie_layers: bool,
-    gated_mlp: bool,
-    self_per_cross_attn: int,
-    num_zero_tokens: int | None,
     seed_wiring: bool = False,
     mlp_hidden_size: int | None = None,
-    **head_kwargs: Any,
 ) -> PerceiverConfig:
-    """A [`PerceiverConfig`] from the seed's constructor arguments (plus head fields such as `num_labels`, `pooling`,
-    `query_dim`, `output_dim`).
+    """A [`PerceiverConfig`] for the seed's `model` built with `arguments`.
 
-    `seed_wiring=True` adds the seed's block quirks (`SEED_WIRING`) and its gated-MLP width (`mlp_hidden_size`, or
-    [`seed_mlp_hidden_size`] when not given); False keeps this package's defaults (residual MLP, normalised inputs, GELU
-    gate, `4 * width` hidden).
+    Args:
+        model (`str`): `"Perceiver"` or `"PerceiverIO"`.
+        arguments (`Mapping[str, Any]`): the seed constructor arguments of `model` (see `SEED_ARGS`); those left
+            out take the seed's defaults.
+        seed_wiring (`bool`, *optional*, defaults to `False`): add the seed's block quirks (`SEED_WIRING`) and its
+            gated-MLP width (`mlp_hidden_size`, or [`seed_mlp_hidden_size`] when not given); False keeps this
+            package's defaults (residual MLP, normalised inputs, GELU gate, `4 * width` hidden).
+        mlp_hidden_size (`int`, *optional*): the gated MLP's hidden width.
+
+    Mapping: `Perceiver(depth=d, output_dim=k, output_mode=m)` -> `depth=d`, `num_labels=k`, `pooling=m`;
+    `PerceiverIO(depth=d, proj_dim=p)` -> `depth=1`, `self_per_cross_attn=d`, `output_dim=p` (the seed's Perceiver IO
+    is one cross-attention followed by `d` self-attentions); `use_flash_attn` -> the `"sdpa"` or `"eager"` backend.
+    Every other argument is the config field of the same name.
     """
-    extra: dict[str, Any] = {}
+    table = {a.name: a for a in seed_args(model)}
+    unknown = sorted(set(arguments) - set(table))
+    if unknown:
+        raise TypeError(f"Unknown argument(s) {unknown} for flash-perceiver's {model}; expected some of {list(table)}.")
+    args = {name: arguments.get(name, a.default) for name, a in table.items()}
+    missing = [name for name, value in args.items() if value is REQUIRED]
+    if missing:
+        raise TypeError(f"flash-perceiver's {model} needs the argument(s) {missing}.")
+    fields = {name: args[name] for name, a in table.items() if a.to_config}
+    if isinstance(fields["input_dim"], (list, tuple)):
+        fields["input_dim"] = list(fields["input_dim"])
+    if model == "Perceiver":
+        fields.update(depth=args["depth"], pooling=pooling_for(args["output_mode"]))
+        if args["output_dim"] is not None:
+            fields["num_labels"] = args["output_dim"]
+    else:
+        fields.update(depth=1, self_per_cross_attn=args["depth"], output_dim=args["proj_dim"])
     if seed_wiring:
-        extra.update(SEED_WIRING)
-        if gated_mlp:
-            extra["mlp_hidden_size"] = mlp_hidden_size or seed_mlp_hidden_size(latent_dim)
+        fields.update(SEED_WIRING)
+        if fields["gated_mlp"]:
+            fields["mlp_hidden_size"] = mlp_hidden_size or seed_mlp_hidden_size(fields["latent_dim"])
     elif mlp_hidden_size is not None:
-        extra["mlp_hidden_size"] = mlp_hidden_size
-    widths = list(input_dim) if isinstance(input_dim, (list, tuple)) else [input_dim]
+        fields["mlp_hidden_size"] = mlp_hidden_size
+    widths = fields["input_dim"] if isinstance(fields["input_dim"], list) else [fields["input_dim"]]
     if 1 in widths:
         # The seed never normalised inputs; over one feature LayerNorm would erase the input, so keep them raw.
-        extra["cross_input_norm"] = False
-    return PerceiverConfig(
-        input_dim=list(input_dim) if isinstance(input_dim, (list, tuple)) else input_dim,
-        depth=depth,
-        num_latents=num_latents,
-        latent_dim=latent_dim,
-        cross_heads=cross_heads,
-        cross_head_dim=cross_head_dim,
-        cross_rotary_emb_dim=cross_rotary_emb_dim,
-        cross_attn_dropout=cross_attn_dropout,
-        latent_heads=latent_heads,
-        latent_head_dim=latent_head_dim,
-        latent_rotary_emb_dim=latent_rotary_emb_dim,
-        latent_attn_dropout=latent_attn_dropout,
-        latent_drop=latent_drop,
-        weight_tie_layers=weight_tie_layers,
-        gated_mlp=gated_mlp,
-        self_per_cross_attn=self_per_cross_attn,
-        num_zero_tokens=num_zero_tokens,
-        **extra,
-        **head_kwargs,
-    )
+        fields["cross_input_norm"] = False
+    attn_implementation = attn_implementation_for(args["use_flash_attn"])
+    config = PerceiverConfig(**fields)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _arguments_of(model: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The seed arguments of `model` picked from a constructor's `locals()`."""
+    return {a.name: namespace[a.name] for a in seed_args(model)}
 
 
 def _with_attention(out: Tensor, attentions: tuple[Tensor, ...] | None, return_attn_weights: bool):
@@ -311,18 +385,7 @@ class Perceiver(_SeedWrapper):
         use_flash_attn: bool = True,
         seed_wiring: bool = False,
     ):
-        pooling = OUTPUT_MODE_ALIASES.get(output_mode, output_mode)
-        if pooling not in POOLING_MODES:
-            raise ValueError(
-                f"Unknown output_mode {output_mode!r}; expected one of {list(POOLING_MODES) + list(OUTPUT_MODE_ALIASES)}."
-            )
-        encoder = {name: value for name, value in locals().items() if name in SEED_ENCODER_ARGS}
-        head = {} if output_dim is None else {"num_labels": output_dim}
-        config = seed_config(
-            **encoder, depth=depth, self_per_cross_attn=self_per_cross_attn, seed_wiring=seed_wiring, pooling=pooling,
-            **head,
-        )
-        config._attn_implementation = attn_implementation_for(use_flash_attn)
+        config = seed_config("Perceiver", _arguments_of("Perceiver", locals()), seed_wiring=seed_wiring)
         hf_class = PerceiverModel if output_dim is None else PerceiverForSequenceClassification
         super().__init__(hf_class(config))
 
@@ -423,12 +486,7 @@ class PerceiverIO(_SeedWrapper):
         use_flash_attn: bool = True,
         seed_wiring: bool = False,
     ):
-        encoder = {name: value for name, value in locals().items() if name in SEED_ENCODER_ARGS}
-        decoder = {name: value for name, value in locals().items() if name in SEED_QUERY_ARGS}
-        config = seed_config(
-            **encoder, **decoder, depth=1, self_per_cross_attn=depth, seed_wiring=seed_wiring, output_dim=proj_dim
-        )
-        config._attn_implementation = attn_implementation_for(use_flash_attn)
+        config = seed_config("PerceiverIO", _arguments_of("PerceiverIO", locals()), seed_wiring=seed_wiring)
         super().__init__(PerceiverIOModel(config))
 
     @property
@@ -478,4 +536,16 @@ class PerceiverIO(_SeedWrapper):
         return _with_attention(out.logits, out.attentions, return_attn_weights)
 
 
-__all__ = ["Perceiver", "PerceiverIO", "seed_config", "seed_mlp_hidden_size", "SEED_WIRING", "SEED_ENCODER_ARGS"]
+__all__ = [
+    "Perceiver",
+    "PerceiverIO",
+    "REQUIRED",
+    "SEED_ARGS",
+    "SEED_ENCODER_ARGS",
+    "SEED_WIRING",
+    "SeedArg",
+    "seed_args",
+    "seed_config",
+    "seed_defaults",
+    "seed_mlp_hidden_size",
+]

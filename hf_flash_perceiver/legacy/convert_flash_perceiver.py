@@ -16,12 +16,13 @@ and `shared_input` (see [`convert_flash_perceiver_checkpoint`]).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,30 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .modeling_perceiver import PerceiverForSequenceClassification, PerceiverIOModel, PerceiverModel
+from ..modeling_perceiver import PerceiverForSequenceClassification, PerceiverIOModel, PerceiverModel
 from .seed_api import (
     OUTPUT_MODE_ALIASES,
-    SEED_ENCODER_ARGS,
-    SEED_QUERY_ARGS,
     Perceiver,
     PerceiverIO,
-    attn_implementation_for,
+    seed_args,
     seed_config,
+    seed_defaults,
     seed_mlp_hidden_size,
 )
 
-
-# Constructor arguments of the seed classes and their defaults there.
-_SEED_COMMON = dict(
-    input_dim=None, num_latents=512, latent_dim=512, cross_heads=1, cross_head_dim=64, cross_rotary_emb_dim=0,
-    cross_attn_dropout=0.0, latent_heads=8, latent_head_dim=64, latent_rotary_emb_dim=0, latent_attn_dropout=0.0,
-    latent_drop=0.0, weight_tie_layers=False, gated_mlp=True, num_zero_tokens=None, use_flash_attn=True, depth=None,
-)
-SEED_PERCEIVER_DEFAULTS = {**_SEED_COMMON, "output_dim": None, "output_mode": "mean", "self_per_cross_attn": 1}
-SEED_PERCEIVER_IO_DEFAULTS = {
-    **_SEED_COMMON, "query_dim": None, "proj_dim": None, "query_heads": 1, "query_head_dim": 64,
-    "query_rotary_emb_dim": 0, "query_attn_dropout": 0.0,
-}
 # Arguments of the conversion itself (not of the seed classes).
 CONVERTER_KWARGS = ("flash_attn_version", "mlp_multiple_of", "shared_input")
 # Not recorded in a checkpoint and not recoverable from weight shapes: the caller must say.
@@ -101,22 +89,23 @@ def _as_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _check_kwargs(seed_kwargs: dict[str, Any], is_io: bool) -> dict[str, Any]:
     """Reject unknown names, ask for what the weights cannot tell, alias `output_mode='mean'`."""
-    defaults = SEED_PERCEIVER_IO_DEFAULTS if is_io else SEED_PERCEIVER_DEFAULTS
-    unknown = sorted(set(seed_kwargs) - set(defaults) - set(CONVERTER_KWARGS))
+    kind = "PerceiverIO" if is_io else "Perceiver"
+    defaults = seed_defaults(kind)
+    names = [a.name for a in seed_args(kind)]
+    unknown = sorted(set(seed_kwargs) - set(names) - set(CONVERTER_KWARGS))
     if unknown:
-        kind = "PerceiverIO" if is_io else "Perceiver"
         raise TypeError(
             f"Unknown argument(s) {unknown} for a flash-perceiver {kind} checkpoint; expected the seed's constructor "
-            f"arguments {sorted(defaults)} or converter options {list(CONVERTER_KWARGS)}."
+            f"arguments {sorted(names)} or converter options {list(CONVERTER_KWARGS)}."
         )
     required = _REQUIRED + (_REQUIRED_IO if is_io else ())
     missing = [name for name in required if name not in seed_kwargs]
     if missing:
-        seed_defaults = ", ".join(f"{name}={defaults[name]!r}" for name in missing)
+        shown_defaults = ", ".join(f"{name}={defaults[name]!r}" for name in missing)
         raise ValueError(
             f"Pass {missing} exactly as given to the seed model's constructor: a checkpoint does not record them and "
             "its weights cannot tell them apart (a projection of width 512 fits 8 heads x 64 as well as 16 x 32; "
-            f"rotary adds no weights). The seed's defaults were {seed_defaults}."
+            f"rotary adds no weights). The seed's defaults were {shown_defaults}."
         )
     kwargs = dict(seed_kwargs)
     for name in required:
@@ -178,8 +167,8 @@ def _mlp_hidden(sd: dict[str, Tensor], kw: dict[str, Any], latent_dim: int) -> i
 
 def _complete(sd: dict[str, Tensor], kw: dict[str, Any], is_io: bool) -> dict[str, Any]:
     """The full set of seed arguments: the caller's, and for the rest what the weights show (else seed defaults)."""
-    defaults = SEED_PERCEIVER_IO_DEFAULTS if is_io else SEED_PERCEIVER_DEFAULTS
-    seed = {**defaults, **kw}
+    # `input_dim`, `depth` (and `query_dim`) have no default: they are read from the weights below when not given.
+    seed = {**seed_defaults("PerceiverIO" if is_io else "Perceiver"), **kw}
 
     def given(name: str) -> bool:
         return name in kw
@@ -422,23 +411,15 @@ def convert_flash_perceiver_checkpoint(state_dict: Mapping[str, Tensor], **seed_
     layout = _seed_layout(seed, is_io)
     _check_against_layout(sd, layout, seed)
 
-    common = {k: seed[k] for k in SEED_ENCODER_ARGS}
+    kind = "PerceiverIO" if is_io else "Perceiver"
+    config = seed_config(
+        kind, {a.name: seed[a.name] for a in seed_args(kind)}, seed_wiring=True, mlp_hidden_size=seed["mlp_hidden"]
+    )
     if is_io:
-        decoder = {k: seed[k] for k in SEED_QUERY_ARGS}
-        config = seed_config(
-            **common, **decoder, depth=1, self_per_cross_attn=seed["depth"], seed_wiring=True,
-            mlp_hidden_size=seed["mlp_hidden"], output_dim=seed["proj_dim"],
-        )
         hf_class, wrapper = PerceiverIOModel, PerceiverIO
     else:
-        head = {} if seed["output_dim"] is None else {"num_labels": seed["output_dim"], "pooling": seed["output_mode"]}
-        config = seed_config(
-            **common, depth=seed["depth"], self_per_cross_attn=seed["self_per_cross_attn"], seed_wiring=True,
-            mlp_hidden_size=seed["mlp_hidden"], **head,
-        )
         hf_class = PerceiverModel if seed["output_dim"] is None else PerceiverForSequenceClassification
         wrapper = Perceiver
-    config._attn_implementation = attn_implementation_for(seed["use_flash_attn"])
     model = hf_class(config)
     converted = {target: sd[p.key] for p in layout for target in p.targets}
     # strict: our model must receive exactly one tensor per parameter (a miss here is a converter bug).
@@ -447,30 +428,75 @@ def convert_flash_perceiver_checkpoint(state_dict: Mapping[str, Tensor], **seed_
 
 
 # ---------------------------------------------------------------------------------------------------- command line
+# What `load_state_dict_file` accepts, said in every error it raises about a file's content.
+_EXPECTED_FILE = "expected a PyTorch state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a .safetensors file"
+
+
+def _not_a_state_dict(path: str, what: str) -> ValueError:
+    return ValueError(f"{path} {what}; {_EXPECTED_FILE}.")
+
+
+def _torch_load(path: str) -> Any:
+    """`torch.load(weights_only=True)`, with every failure to read the bytes turned into one `ValueError`.
+
+    torch reports unreadable files with whatever its reader hit (`UnpicklingError`, `EOFError`, `KeyError`,
+    `RuntimeError` from the zip reader, ...), and its weights-only message advises `weights_only=False`, i.e. running
+    the file's code. Neither helps someone who passed the wrong file, so only OS errors (missing file, no permission)
+    keep their type; anything else becomes a message that names the file and what was expected.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Raised for pickles torch.save did not write, just before they fail to load: noise next to our error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:
+        # A torch.save file that also pickles other objects (an optimizer, a config class): name the first one.
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if unsupported:
+            raise _not_a_state_dict(
+                path,
+                f"holds objects other than tensors ({unsupported.group(1)}), which a weights-only load does not read "
+                "(save the model's state_dict() alone)",
+            ) from None
+        raise _not_a_state_dict(path, "is not a torch.save file") from None
+    except Exception:  # noqa: BLE001 - any reader failure means the bytes are not a torch.save file (see docstring)
+        kind = "a zip archive but not a torch.save checkpoint" if zipfile.is_zipfile(path) else "not a torch.save file"
+        raise _not_a_state_dict(path, f"is {kind}") from None
+
+
+def _safetensors_load(path: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise _not_a_state_dict(path, f"is not a valid .safetensors file ({err})") from None
+
+
 def load_state_dict_file(path: str | os.PathLike, prefix: str = "") -> dict[str, Tensor]:
     """Read a state dict saved with `torch.save` (.pt/.pth/.bin/.ckpt, loaded with `weights_only=True`) or
     safetensors. A checkpoint dict holding it under `state_dict`, `model_state_dict` or `model` is unwrapped;
-    `prefix` is stripped from the keys that carry it (others are dropped)."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    `prefix` is stripped from the keys that carry it (others are dropped).
 
-        obj: Any = load_file(path)
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} holds more than tensors (weights-only loading refused it: {err}). Save the seed model's "
-                "`state_dict()` alone, e.g. torch.save(model.state_dict(), 'seed.pt')."
-            ) from err
+    Raises:
+        `ValueError`: the file is empty, is not a `torch.save` / safetensors file, or does not hold a state dict (the
+            message names the file and what was expected); no key carries `prefix`.
+        `OSError`: the file cannot be opened (missing, a directory, no permission).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise _not_a_state_dict(path, "is empty")
+    obj: Any = _safetensors_load(path) if path.endswith(".safetensors") else _torch_load(path)
     if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
+        raise _not_a_state_dict(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
     if prefix:
         obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
         if not obj:
@@ -491,15 +517,35 @@ def _read_seed_kwargs(text: str) -> dict[str, Any]:
     return kwargs
 
 
+# Exit codes of the command line: 2 (as argparse uses for bad arguments) when an argument names an unusable path (the
+# checkpoint is not a state dict file, the output path is a file), 1 when reading or converting fails otherwise.
+EXIT_BAD_PATH = 2
+EXIT_FAILED = 1
+_PROG = "convert-flash-perceiver-checkpoint"
+
+
+def _error(message: object, code: int) -> int:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`convert-flash-perceiver-checkpoint CHECKPOINT OUTPUT_DIR --seed-kwargs JSON`: convert and `save_pretrained`."""
+    """`convert-flash-perceiver-checkpoint CHECKPOINT OUTPUT_DIR --seed-kwargs JSON`: convert and `save_pretrained`.
+
+    Returns the exit status: 0 when the model was written; 2 when CHECKPOINT is not a state dict file (empty, not a
+    torch.save or safetensors file, not a state dict) or OUTPUT_DIR exists as a file; 1 when `--seed-kwargs` is not
+    valid, a file cannot be read or written, or the state dict does not fit the seed arguments. Errors are one
+    `convert-flash-perceiver-checkpoint: error: ...` message on stderr, without a traceback, and nothing is written.
+    """
+    import argparse
+
     parser = argparse.ArgumentParser(
-        prog="convert-flash-perceiver-checkpoint",
+        prog=_PROG,
         description="Convert a flash-perceiver 0.2.0 state dict into a hf-flash-perceiver model directory "
         "(loadable with transformers' Auto classes or Perceiver/PerceiverIO.from_pretrained).",
     )
     parser.add_argument("checkpoint", help="the seed model's state_dict: .pt/.pth/.bin/.ckpt (torch.save) or .safetensors")
-    parser.add_argument("output_dir", help="directory to write (save_pretrained)")
+    parser.add_argument("output_dir", help="directory to write (save_pretrained); created if missing")
     parser.add_argument(
         "--seed-kwargs", required=True,
         help='the seed constructor arguments as a JSON object or a JSON file, at least {"cross_heads": 1, '
@@ -508,15 +554,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prefix", default="", help="strip this prefix from the keys (e.g. 'model.' for Lightning)")
     args = parser.parse_args(argv)
+    # Checked before converting: `save_pretrained` only logs an error for a file path and writes nothing.
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return _error(
+            f"the output path {args.output_dir} is an existing file; expected a directory to write the converted "
+            "model into (an existing one, or a path to create).",
+            EXIT_BAD_PATH,
+        )
     try:
         seed_kwargs = _read_seed_kwargs(args.seed_kwargs)
+    except (ValueError, OSError) as err:
+        return _error(err, EXIT_FAILED)
+    try:
         state_dict = load_state_dict_file(args.checkpoint, args.prefix)
+    except ValueError as err:
+        return _error(err, EXIT_BAD_PATH)
+    except OSError as err:
+        # `err` names the file when it has no `strerror` (safetensors' FileNotFoundError).
+        message = f"cannot read the checkpoint {args.checkpoint}: {err.strerror}" if err.strerror else err
+        return _error(message, EXIT_FAILED)
+    try:
         model = convert_flash_perceiver_checkpoint(state_dict, **seed_kwargs)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"convert-flash-perceiver-checkpoint: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, TypeError) as err:
+        return _error(err, EXIT_FAILED)
     hf_model = model.to_hf()
-    hf_model.save_pretrained(args.output_dir)
+    try:
+        hf_model.save_pretrained(args.output_dir)
+    except OSError as err:
+        return _error(f"cannot write {args.output_dir}: {err}", EXIT_FAILED)
     print(f"Saved {type(hf_model).__name__} ({type(model).__name__} API) to {args.output_dir}")
     return 0
 
