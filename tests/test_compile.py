@@ -69,7 +69,7 @@ def test_trainer_torch_compile(tmp_path):
     """`Trainer(torch_compile=True)` trains a head: the loss is finite and falls, and the compiled graph is in use."""
     from transformers import Trainer
 
-    from test_trainer import args, logged_losses, make_case
+    from trainer_common import args, logged_losses, make_case
 
     torch._dynamo.reset()
     model, data = make_case("sequence")

@@ -196,7 +196,7 @@ def test_optional_flash_backends_match_reference(impl, available):
 @pytest.mark.parametrize("kind", ["sequence", "image", "masked_lm", "io_regression"])
 def test_heads_train_step_bf16_cuda(kind):
     # Every head through a bf16-autocast training step on CUDA: finite loss and gradients, logits close to fp32.
-    from test_trainer import make_case
+    from trainer_common import make_case
 
     model, data = make_case(kind)
     model = model.cuda().train()
