@@ -44,6 +44,8 @@ class PerceiverEncoder(nn.Module):
 
     def forward(self, latents: Tensor, contexts: list[CrossInput], **kwargs) -> Tensor:
         """Run every block over `latents`, block `i` cross-attending to `contexts[i]`; returns the final latents."""
+        for i, context in enumerate(contexts):
+            self.cross_layers[self.block_index(i)].attn.prepare(context)
         x = latents
         for i, context in enumerate(contexts):
             b = self.block_index(i)

@@ -208,6 +208,12 @@ class PerceiverCrossAttention(PerceiverAttention):
     def input_norm(self) -> nn.LayerNorm | None:
         return self._input_norm[0]
 
+    def prepare(self, context: CrossInput) -> None:
+        """Fill `context`'s shared LayerNorm cache before any block runs. Blocks may be recomputed under activation
+        checkpointing; computing the cache inside one would make its forward and its recompute differ."""
+        if self.input_norm is not None and not self.spec.chunked:
+            context.normalized(self.input_norm.eps)
+
     def project_context(self, context: CrossInput) -> tuple[Tensor, Tensor]:
         """Keys and values `(batch, kv_len, heads, head_dim)` of the whole input (the regular path)."""
         norm = self.input_norm
