@@ -103,7 +103,7 @@ class AttentionSpec:
     dropout: float = 0.0
     qkv_bias: bool = False
     kv_dim: int | None = None
-    input_norm: bool = True
+    input_norm: bool = False
     chunked: bool = False
 
     @property
