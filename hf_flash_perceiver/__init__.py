@@ -13,6 +13,7 @@ from transformers import (
 
 from .attention_backends import ATTENTION_FUNCTIONS, KeyPaddingMask, attention
 from .configuration_perceiver import PerceiverConfig
+from .context_parallel import context_parallel
 from .input_adapters import PerceiverImageAdapter, PerceiverTextAdapter, fourier_position_features
 from .modeling_perceiver import (
     PerceiverForImageClassification,
@@ -48,6 +49,7 @@ __all__ = [
     "KeyPaddingMask",
     "attention",
     "PerceiverConfig",
+    "context_parallel",
     "PerceiverPreTrainedModel",
     "PerceiverModel",
     "PerceiverModelOutput",

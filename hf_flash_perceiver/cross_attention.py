@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention_backends import KeyPaddingMask, fused_kernels_fit
+from .context_parallel import SequenceShard, merge_partials, sum_over_ranks
 
 
 @dataclass
@@ -34,6 +35,7 @@ class CrossInput:
     mask: KeyPaddingMask | None = None
     prefix: Tensor | None = None
     norm_cache: dict = field(default_factory=dict, repr=False)
+    shard: SequenceShard | None = None  # this rank's slice of a context-parallel sequence
 
     def segments(self) -> list[Tensor]:
         return [self.tokens] if self.prefix is None else [self.prefix, self.tokens]
@@ -140,6 +142,9 @@ class _Spec:
     chunk_size: int
     eps: float
     rotary: nn.Module | None
+    group: object | None = None  # context parallelism: partials are merged over this process group
+    key_offset: int = 0  # input tokens held by the ranks before this one (rotary positions are global)
+    skip_prefix: bool = False  # context parallelism off the first rank: zero tokens carried, not attended
 
 
 def _fold(ln_w, ln_b, kv_w, kv_b):
@@ -200,13 +205,15 @@ def _project_backward(dk, dv, x, x_in, stats, weight, spec: _Spec, start: int, g
     return d_input
 
 
-def _chunks(segments: list[Tensor], size: int):
-    """(segment index, start in segment, end in segment, global start) covering the concatenated segments."""
+def _chunks(segments: list[Tensor], size: int, skip_first: bool = False):
+    """(segment index, start in segment, end in segment, start in the concatenation) covering the concatenated
+    segments (all but the first with `skip_first`)."""
     offset = 0
     for i, seg in enumerate(segments):
         n = seg.shape[1]
-        for s in range(0, n, size):
-            yield i, s, min(s + size, n), offset + s
+        if not (skip_first and i == 0):
+            for s in range(0, n, size):
+                yield i, s, min(s + size, n), offset + s
         offset += n
 
 
@@ -231,8 +238,10 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         auxes = []
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             weight, bias = _fold(ln_w, ln_b, kv_w, kv_b)
-            for i, s, e, g in _chunks(list(segments), spec.chunk_size):
-                k, v, _, _ = _project(segments[i][:, s:e], weight, bias, spec, g, dtype, ln_w is not None)
+            for i, s, e, g in _chunks(list(segments), spec.chunk_size, spec.skip_prefix):
+                k, v, _, _ = _project(
+                    segments[i][:, s:e], weight, bias, spec, spec.key_offset + g, dtype, ln_w is not None
+                )
                 o_c, lse_c, aux = fwd(qt, k, v, _bias(mask, g, g + e - s, dtype), spec.scale)
                 auxes.append(aux)
                 if out is None:
@@ -241,6 +250,11 @@ class _ChunkedCrossAttention(torch.autograd.Function):
                     new = torch.logaddexp(lse, lse_c)
                     out = out * torch.exp(lse - new)[..., None] + o_c.float() * torch.exp(lse_c - new)[..., None]
                     lse = new
+            if spec.group is not None:
+                if out is None:  # an empty slice: no partial of its own, weight exp(-inf) = 0 in the merge
+                    out = qt.new_zeros(qt.shape, dtype=torch.float32)
+                    lse = qt.new_full(qt.shape[:3], float("-inf"), dtype=torch.float32)
+                out, lse = merge_partials(out, lse, spec.group)
             out = out.to(dtype)
         ctx.spec, ctx.mask, ctx.auxes, ctx.num_segments = spec, mask, auxes, len(segments)
         ctx.save_for_backward(qt, out, lse, ln_w, ln_b, kv_w, kv_b, *segments)
@@ -261,16 +275,26 @@ class _ChunkedCrossAttention(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(qt.device.type, enabled=False):
             weight, bias = _fold(ln_w, ln_b, kv_w, kv_b)
             grads = [torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)]
-            for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size), ctx.auxes):
+            for (i, s, e, g), aux in zip(_chunks(segments, spec.chunk_size, spec.skip_prefix), ctx.auxes):
                 x = segments[i][:, s:e]
                 # LayerNorm statistics only when the input needs a gradient: the affine lives in `weight`.
-                k, v, x_in, stats = _project(x, weight, bias, spec, g, dtype, normalize, keep_stats=seg_needs[i])
+                k, v, x_in, stats = _project(
+                    x, weight, bias, spec, spec.key_offset + g, dtype, normalize, keep_stats=seg_needs[i]
+                )
                 dq_c, dk, dv = bwd(dout_t, qt, k, v, out, lse, _bias(mask, g, g + e - s, dtype), spec.scale, aux)
                 dq += dq_c.float()
-                d_x = _project_backward(dk, dv, x, x_in, stats, weight, spec, g, grads, seg_needs[i])
+                d_x = _project_backward(
+                    dk, dv, x, x_in, stats, weight, spec, spec.key_offset + g, grads, seg_needs[i]
+                )
                 if seg_needs[i]:
                     seg_grads[i][:, s:e] = d_x.to(seg_grads[i].dtype)
             grads = _unfold_grads(*grads, ln_w, ln_b, kv_w, kv_b)
+            if spec.group is not None:
+                # Every rank's keys contributed to the query and to the input-side parameters: sum them, so that
+                # each rank holds the complete gradients (the input's gradient is its own slice's).
+                sum_over_ranks([dq, *grads], spec.group)
+                if len(segments) == 2:  # the zero tokens, attended on the first rank only
+                    sum_over_ranks([seg_grads[0]], spec.group)
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, params)]
         return (dq.to(dtype).transpose(1, 2), *grads, None, None, *seg_grads)
 
@@ -288,12 +312,18 @@ def chunked_cross_attention(
     rotary: nn.Module | None = None,
 ) -> Tensor:
     """Cross-attention of `query (batch, q_len, heads, head_dim)` over `context`, whose keys/values are
-    `kv_proj(norm(context))` (+ rotary), computed chunk by chunk and recomputed in backward.
+    `kv_proj(norm(context))` (+ rotary), computed chunk by chunk and recomputed in backward. A context-parallel
+    `context` (`context.shard`) is this rank's slice: the ranks' partials are merged (see context_parallel.py).
 
     Returns the attention output `(batch, q_len, heads, head_dim)` (zero for samples without valid keys)."""
     # `chunk_size` counts token rows across the batch: the transient memory of a chunk is what it bounds.
     keys_per_chunk = max(1, chunk_size // query.shape[0])
-    spec = _Spec(heads, head_dim, scale, keys_per_chunk, norm.eps if norm is not None else 0.0, rotary)
+    shard = context.shard
+    spec = _Spec(
+        heads, head_dim, scale, keys_per_chunk, norm.eps if norm is not None else 0.0, rotary,
+        group=None if shard is None else shard.group, key_offset=0 if shard is None else shard.key_offset,
+        skip_prefix=shard is not None and not shard.is_first and context.prefix is not None,
+    )
     out = _ChunkedCrossAttention.apply(
         query,
         None if norm is None else norm.weight,

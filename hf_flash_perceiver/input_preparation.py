@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .attention_backends import KeyPaddingMask
 from .configuration_perceiver import PerceiverConfig
+from .context_parallel import current_group, shard_input
 from .cross_attention import CrossInput
 
 
@@ -104,9 +105,17 @@ def _prepare_one(i: int, x, mask, width: int, dtype: torch.dtype) -> CrossInput:
     if x.shape[-1] != width:
         raise ValueError(f"Input {i} has feature dim {x.shape[-1]} but the model expects input_dim={width}.")
     x = to_compute_dtype(x, dtype)
+    if mask is not None:
+        mask = as_bool_mask(mask, f"Mask {i}", "batch, seq_len", tuple(x.shape[:2]))
+    group = current_group()
+    if group is not None:
+        # This rank's slice of a context-parallel sequence: the mask's sample-level view is global.
+        shard, key_mask = shard_input(x, mask, group)
+        if mask is not None:
+            x = x.masked_fill(~mask[..., None], 0.0)
+        return CrossInput(x, key_mask, shard=shard)
     if mask is None:
         return CrossInput(x)
-    mask = as_bool_mask(mask, f"Mask {i}", "batch, seq_len", tuple(x.shape[:2]))
     # Eager mode only (a data-dependent branch would break a compiled graph): an all-True mask is no mask, and
     # dropping it keeps the unmasked fast path.
     if not torch.compiler.is_compiling() and bool(mask.all()):

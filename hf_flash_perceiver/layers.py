@@ -211,7 +211,7 @@ class PerceiverCrossAttention(PerceiverAttention):
     def prepare(self, context: CrossInput) -> None:
         """Fill `context`'s shared LayerNorm cache before any block runs. Blocks may be recomputed under activation
         checkpointing; computing the cache inside one would make its forward and its recompute differ."""
-        if self.input_norm is not None and not self.spec.chunked:
+        if self.input_norm is not None and not self.spec.chunked and context.shard is None:
             context.normalized(self.input_norm.eps)
 
     def project_context(self, context: CrossInput) -> tuple[Tensor, Tensor]:
@@ -234,8 +234,17 @@ class PerceiverCrossAttention(PerceiverAttention):
         (query,) = self._heads(self.q_proj(hidden_states), 1)
         if self.rotary is not None:
             query = self.rotary.rotate(query)
-        if self.spec.chunked and not output_attentions:
-            # Long inputs: keys/values chunk by chunk, recomputed in backward (see cross_attention.py).
+        if context.shard is not None and output_attentions:
+            raise ValueError(
+                "output_attentions is not available under context_parallel(): no rank holds the whole attention map."
+            )
+        if context.shard is not None and self.training and self.spec.dropout > 0:
+            raise ValueError(
+                f"context_parallel() has no attention dropout, but cross_attn_dropout={self.spec.dropout}: set it to 0."
+            )
+        if (self.spec.chunked or context.shard is not None) and not output_attentions:
+            # Long inputs: keys/values chunk by chunk, recomputed in backward, and under context parallelism merged
+            # over the ranks (see cross_attention.py).
             out = chunked_cross_attention(
                 query, context, self.input_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
                 scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
