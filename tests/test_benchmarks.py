@@ -263,3 +263,13 @@ def test_smoke_defaults_write_outside_the_results_and_leave_out_compilation(monk
     assert {job.impl for job in measured_jobs} == {"hf-flash-perceiver+compile"}
     assert list(explicit.glob("*-cpu-smoke.json"))
     shutil.rmtree(written.parent)
+
+
+def test_long_inputs_smoke(tmp_path):
+    long_inputs = _load("long_inputs")
+    payload = long_inputs.main(["--smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--iters", "1"])
+    assert [(r["mode"], r["n"]) for r in payload["records"]] == [("infer", 2048), ("infer", 4096), ("train", 2048)]
+    # Off the GPU there is no allocator peak to report; the time is real.
+    assert all(r["seconds"] > 0 and r["peak_gib"] is None for r in payload["records"])
+    (written,) = tmp_path.glob("*-cpu-long-inputs-smoke.json")
+    assert json.loads(written.read_text())["records"] == payload["records"]

@@ -176,6 +176,39 @@ def test_chunked_cross_attention_cuda(masked):
     assert rel_err(g_c, g_r) <= 5e-2
 
 
+def test_context_parallel_single_rank_cuda(tmp_path):
+    # One NCCL rank: the context-parallel path (fused per-chunk kernels, the all-reduce merge, the summed backward)
+    # against the regular fused path in the same precision. Two ranks are tests/test_context_parallel.py (gloo).
+    import torch.distributed as dist
+
+    from hf_flash_perceiver import context_parallel
+
+    cfg = small_config(input_dim=64, latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64,
+                       cross_rotary_emb_dim=16, num_zero_tokens=2)
+    model = cuda_model(cfg, "sdpa").train()
+    x = torch.randn(4, 450, 64, device="cuda")
+    mask = torch.arange(450, device="cuda")[None] < torch.tensor([450, 333, 120, 0], device="cuda")[:, None]
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, mask).last_hidden_state
+        out.float().square().mean().backward()
+        return out, torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+    out_r, g_r = run()
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        with context_parallel():
+            ops = _ops(run)
+            out_c, g_c = run()
+    finally:
+        dist.destroy_process_group()
+    assert any("cudnn_attention" in o for o in ops)
+    assert rel_err(out_c, out_r) <= BF16_REL_TOL
+    assert rel_err(g_c, g_r) <= 5e-2
+
+
 @pytest.mark.parametrize("impl, available", [("flash_attention_2", "flash_attn_available"),
                                              ("flash_attention_4", "flash_attn_4_available")])
 def test_optional_flash_backends_match_reference(impl, available):
