@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -273,3 +274,22 @@ def test_long_inputs_smoke(tmp_path):
     assert all(r["seconds"] > 0 and r["peak_gib"] is None for r in payload["records"])
     (written,) = tmp_path.glob("*-cpu-long-inputs-smoke.json")
     assert json.loads(written.read_text())["records"] == payload["records"]
+
+
+def test_multi_gpu_smoke_on_cpu_processes(tmp_path):
+    # The multi-GPU harness end to end on 1 and 2 CPU processes (gloo): data-parallel throughput and a
+    # context-parallel step, one JSON. Run as a script: its workers are spawned from `__main__`.
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+    done = subprocess.run([sys.executable, str(BENCH / "multi_gpu.py"), "--smoke", "--cp-tokens", "256",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (written,) = tmp_path.glob("*-cpu-multi-gpu-smoke.json")
+    records = json.loads(written.read_text())["records"]
+    assert [(r["mode"], r["world"]) for r in records] == [
+        ("data_parallel", 1), ("context_parallel", 1), ("data_parallel", 2), ("context_parallel", 2)]
+    assert all(r["samples_per_s"] > 0 for r in records if r["mode"] == "data_parallel")
+    assert all(r["seconds"] > 0 and r["tokens_per_rank"] == 256 // r["world"] for r in records
+               if r["mode"] == "context_parallel")
+    assert records[2]["scaling_vs_1"] == pytest.approx(records[2]["samples_per_s"] / records[0]["samples_per_s"])
