@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,9 @@ from torch import Tensor
 from .attention_backends import KeyPaddingMask
 
 
-_GROUP: ContextVar[object | None] = ContextVar("hf_flash_perceiver_context_parallel_group", default=None)
+# A plain module-level slot, not a ContextVar: torch.compile cannot trace `ContextVar.get` (transformers' output
+# capturing falls back to a global for the same reason). One context-parallel region per process at a time.
+_STATE: dict[str, object | None] = {"group": None}
 
 
 @contextmanager
@@ -48,16 +49,17 @@ def context_parallel(group: dist.ProcessGroup | None = None) -> Iterator[None]:
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("context_parallel() needs an initialised torch.distributed process group (init_process_group).")
-    token = _GROUP.set(group if group is not None else dist.group.WORLD)
+    previous = _STATE["group"]
+    _STATE["group"] = group if group is not None else dist.group.WORLD
     try:
         yield
     finally:
-        _GROUP.reset(token)
+        _STATE["group"] = previous
 
 
 def current_group() -> object | None:
     """The process group of the enclosing `context_parallel` block, or None outside one."""
-    return _GROUP.get()
+    return _STATE["group"]
 
 
 @dataclass(frozen=True)
