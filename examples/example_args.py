@@ -45,14 +45,24 @@ def accelerator_available() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
-def reload_check(model: torch.nn.Module, reloaded: torch.nn.Module, logits, reloaded_logits) -> dict:
-    """Compare a reloaded model with the one it was saved from: every parameter and buffer bit-equal (the names
-    too), and the largest absolute difference of their logits on the same inputs; `ok` when the weights are
-    identical and the logits agree within fp32 rounding (RELOAD_RTOL, RELOAD_ATOL)."""
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the trained model by name, whole and on the CPU. Under FSDP the parameters are
+    shards (DTensors), gathered here: then every process must call this, in the same order."""
+    weights = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): all-gathered, a collective call
+            tensor = tensor.full_tensor()
+        weights[name] = tensor.detach().cpu()
+    return weights
+
+
+def reload_check(weights: dict[str, torch.Tensor], reloaded: torch.nn.Module, logits, reloaded_logits) -> dict:
+    """Compare a reloaded model with the weights it was saved from (`trained_weights`): every parameter and buffer
+    bit-equal (the names too), and the largest absolute difference of their logits on the same inputs; `ok` when the
+    weights are identical and the logits agree within fp32 rounding (RELOAD_RTOL, RELOAD_ATOL)."""
     got = {**dict(reloaded.named_parameters()), **dict(reloaded.named_buffers())}
-    weights_identical = got.keys() == expected.keys() and all(
-        torch.equal(got[name].cpu(), t.cpu()) for name, t in expected.items()
+    weights_identical = got.keys() == weights.keys() and all(
+        torch.equal(got[name].cpu(), t.cpu()) for name, t in weights.items()
     )
     logits, reloaded_logits = logits.detach().float().cpu(), reloaded_logits.detach().float().cpu()
     close = logits.shape == reloaded_logits.shape and torch.allclose(
@@ -60,6 +70,21 @@ def reload_check(model: torch.nn.Module, reloaded: torch.nn.Module, logits, relo
     )
     diff = (reloaded_logits - logits).abs().max().item() if logits.shape == reloaded_logits.shape else float("inf")
     return {"weights_identical": weights_identical, "logits_max_abs_diff": diff, "ok": weights_identical and close}
+
+
+def is_main_process(training_args) -> bool:
+    """Whether this process saves, checks the reload and reports: the first of a `torchrun` launch, or the only one."""
+    return training_args.process_index == 0
+
+
+def shared_status(trainer, status: int | None) -> int:
+    """The main process's exit status (None on the others), returned on every process. Under `torchrun` the other
+    processes wait here until the main one has saved, reloaded and reported, then exit with its status."""
+    if trainer.accelerator.num_processes == 1:
+        return status
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([status], from_process=0)[0]
 
 
 def yaml_value(text: str):

@@ -9,6 +9,10 @@ trains, evaluates on the held-out test split with `compute_metrics`, saves the m
 `AutoModelForImageClassification`, checks the reloaded weights are bit-equal and its logits equal within fp32
 rounding, and classifies held-out images with `pipeline("image-classification")`. It exits non-zero when the test
 accuracy is below `min_test_accuracy` or the reload check fails.
+
+`torchrun --nproc_per_node N examples/train_classification.py ...` trains data-parallel (DDP; FSDP2 with the
+override `fsdp="full_shard auto_wrap"`): every process trains and evaluates, the first one alone saves, checks the
+reload, runs the pipeline and prints the summary, and the others exit with its status.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ from transformers import (
     pipeline,
 )
 
-from example_args import RuntimeArguments, parse_config, reload_check, report
+from example_args import (
+    RuntimeArguments,
+    is_main_process,
+    parse_config,
+    reload_check,
+    report,
+    shared_status,
+    trained_weights,
+)
 
 from hf_flash_perceiver import PerceiverConfig, PerceiverForImageClassification
 
@@ -128,32 +140,45 @@ def main(argv: list[str]) -> int:
     )
     torch.manual_seed(training_args.seed)
     model = PerceiverForImageClassification._from_config(config, attn_implementation=model_args.attn_implementation)
-    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{len(train_set)} train / {len(test_set)} test images")
+    main_process = is_main_process(training_args)
+    if main_process:
+        print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_set)} train / {len(test_set)} test images")
 
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=test_set,
         compute_metrics=compute_metrics,
     )
-    train_result = trainer.train()
+    # `resume_from_checkpoint=PATH` (a TrainingArguments field) continues from a checkpoint folder.
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate(test_set, metric_key_prefix="test")
 
     # Saved with its modeling code and a complete auto_map (register_for_auto_class), so that the folder also loads
     # where hf_flash_perceiver is not installed, with trust_remote_code=True -- as its model card says.
+    # Under torchrun every process calls save_model (under FSDP it gathers the shards); the main one writes. The class
+    # is named, not type(model): FSDP2 swaps the model's class for a wrapper subclass (FSDP<Name>).
     output_dir = Path(training_args.output_dir)
-    type(model).register_for_auto_class()
+    PerceiverForImageClassification.register_for_auto_class()
     trainer.save_model(output_dir)
+    # What the reload is checked against, on every process: under FSDP gathering the weights and the forward are
+    # collective calls. The other processes then wait for the main one's checks and exit with its status.
+    model = trainer.model.eval()
+    weights = trained_weights(model)
+    with torch.no_grad():
+        sample = test_set.pixel_values[:64].to(model.device)
+        logits = model(sample).logits
+    if not main_process:
+        return shared_status(trainer, None)
     processor.save_pretrained(output_dir)
-    (output_dir / "README.md").write_text(model.model_card(output_dir.name), encoding="utf-8")
 
     # Reload through the Auto class (registered by importing hf_flash_perceiver, which takes precedence over the
     # saved code) and classify held-out images with the pipeline, which reads the saved processor. The reloaded
     # weights must be bit-equal, its logits equal within fp32 rounding (see example_args.reload_check).
     reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval().to(model.device)
-    model.eval()
+    # The card from the reloaded model: the same class and config, never FSDP's wrapper.
+    (output_dir / "README.md").write_text(reloaded.model_card(output_dir.name), encoding="utf-8")
     with torch.no_grad():
-        sample = test_set.pixel_values[:64].to(model.device)
-        reload = reload_check(model, reloaded, model(sample).logits, reloaded(sample).logits)
+        reload = reload_check(weights, reloaded, logits, reloaded(sample).logits)
     classifier = pipeline("image-classification", model=str(output_dir))
     test_images = [images[i] for i in test_idx]
     first = classifier(test_images[0], top_k=3)
@@ -172,7 +197,7 @@ def main(argv: list[str]) -> int:
         "total_seconds": round(time.perf_counter() - start, 1),
         "saved_to": str(output_dir),
     }
-    return report(summary, "test_accuracy", data_args.min_test_accuracy, reload)
+    return shared_status(trainer, report(summary, "test_accuracy", data_args.min_test_accuracy, reload))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ After training the script reports the test MSE and R^2 (1 - MSE / variance of th
 mean, 1 for exact), saves the model with `register_for_auto_class()` (so the folder carries its code and loads with
 `AutoModel.from_pretrained(..., trust_remote_code=True)` where the package is not installed), reloads it and checks
 that the weights are bit-equal and the predictions equal within fp32 rounding. It exits non-zero when R^2 ends below
-`min_test_r2` or the reload check fails.
+`min_test_r2` or the reload check fails. Under `torchrun` (DDP, or FSDP2 with `fsdp="full_shard auto_wrap"`) only the
+first process saves, checks the reload and reports; the others exit with its status.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
-from example_args import RuntimeArguments, parse_config, reload_check, report
+from example_args import (
+    RuntimeArguments,
+    is_main_process,
+    parse_config,
+    reload_check,
+    report,
+    shared_status,
+    trained_weights,
+)
 
 from hf_flash_perceiver import PerceiverConfig, PerceiverIOForRegression
 from hf_flash_perceiver.input_adapters import fourier_features
@@ -150,32 +159,45 @@ def main(argv: list[str]) -> int:
     )
     torch.manual_seed(training_args.seed)
     model = PerceiverIOForRegression(config)
-    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{len(train_set)} train / {len(test_set)} test signals")
+    main_process = is_main_process(training_args)
+    if main_process:
+        print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_set)} train / {len(test_set)} test signals")
 
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=test_set, data_collator=collate,
         compute_metrics=compute_metrics,
     )
-    train_result = trainer.train()
+    # `resume_from_checkpoint=PATH` (a TrainingArguments field) continues from a checkpoint folder.
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     # Only the logits are predictions: the encoder's latents (also in the output) need not be gathered.
     metrics = trainer.evaluate(test_set, ignore_keys=["last_hidden_state"], metric_key_prefix="test")
 
     # Saved with its code and a complete auto_map, so that where hf_flash_perceiver is not installed,
     # AutoModel.from_pretrained(folder, trust_remote_code=True) gives this IO model. Here the package is imported,
     # and its registered AutoModel (the encoder) would take precedence: reload by class.
+    # Under torchrun every process calls save_model (under FSDP it gathers the shards); the main one writes. The class
+    # is named, not type(model): FSDP2 swaps the model's class for a wrapper subclass (FSDP<Name>).
     output_dir = Path(training_args.output_dir)
-    type(model).register_for_auto_class()
+    PerceiverIOForRegression.register_for_auto_class()
     trainer.save_model(output_dir)
-    (output_dir / "README.md").write_text(model.model_card(output_dir.name), encoding="utf-8")
-    reloaded = PerceiverIOForRegression.from_pretrained(output_dir).eval()
+    # What the reload is checked against, on every process: under FSDP gathering the weights and the forward are
+    # collective calls. The other processes then wait for the main one's checks and exit with its status.
+    model = trainer.model.eval()
+    weights = trained_weights(model)
     batch = collate([test_set[i] for i in range(8)])
     batch.pop("labels")
-    model.eval()
-    reloaded.to(model.device)
     with torch.no_grad():
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        reload = reload_check(model, reloaded, model(**batch).logits, reloaded(**batch).logits)
+        logits = model(**batch).logits
+    if not main_process:
+        return shared_status(trainer, None)
+    reloaded = PerceiverIOForRegression.from_pretrained(output_dir).eval()
+    # The card from the reloaded model: the same class and config, never FSDP's wrapper.
+    (output_dir / "README.md").write_text(reloaded.model_card(output_dir.name), encoding="utf-8")
+    reloaded.to(model.device)
+    with torch.no_grad():
+        reload = reload_check(weights, reloaded, logits, reloaded(**batch).logits)
 
     summary = {
         "test_mse": round(metrics["test_mse"], 5),
@@ -187,7 +209,7 @@ def main(argv: list[str]) -> int:
         "total_seconds": round(time.perf_counter() - start, 1),
         "saved_to": str(output_dir),
     }
-    return report(summary, "test_r2", data_args.min_test_r2, reload)
+    return shared_status(trainer, report(summary, "test_r2", data_args.min_test_r2, reload))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+try:  # FSDP2's module type: torch >= 2.6, built with torch.distributed
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:
+    FSDPModule = None
+
 from .attention_backends import check_attn_implementation, check_backend_dropout
 from .configuration_perceiver import PerceiverConfig
 from .decoder import PerceiverClassificationHead, PerceiverDecoder
@@ -106,6 +111,37 @@ class PerceiverPreTrainedModel(PerceiverHubMixin, PreTrainedModel):
         name = check_attn_implementation(requested_attention)
         check_backend_dropout(name, self.config)
         return name
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        r"""
+        Returns the module that turns the model's input into the tokens the encoder cross-attends to.
+
+        Returns:
+            `nn.Module` or `None`: the input adapter of a head that has one (for images the patch embedding with its
+            positions, as vision models in transformers return theirs); `None` for models that read raw features,
+            which have no input embedding. [`PerceiverForMaskedLM`] returns its token embedding instead.
+
+        transformers' default raises `NotImplementedError` here; accelerate's FSDP2 preparation (which shards this
+        module as its own unit), `enable_input_require_grads` and PEFT all accept `None`.
+        """
+        adapter = getattr(self, "input_adapter", None)
+        return adapter if isinstance(adapter, nn.Module) else None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        r"""
+        As [`PreTrainedModel.save_pretrained`]. Under FSDP2 (`fully_shard`) the model's class is torch's wrapper
+        subclass `FSDP<ClassName>`, defined in torch: while saving, the model is seen as its own class, so that a model
+        registered with `register_for_auto_class` saves this package's code and an `auto_map` naming its class (not
+        torch's files and the wrapper).
+        """
+        if FSDPModule is None or not isinstance(self, FSDPModule):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        wrapper = type(self)
+        self.__class__ = next(c for c in wrapper.__mro__ if not issubclass(c, FSDPModule))
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapper
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
