@@ -3,116 +3,57 @@ outputs and every gradient equal the single-process result (fp32: equal up to su
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from hf_flash_perceiver import PerceiverConfig, PerceiverIOModel, PerceiverModel, context_parallel
+from hf_flash_perceiver import context_parallel
 
-
-TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; the merge sums the same terms in another order
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-CASES = {
-    # rotary on keys (global positions), zero tokens (rank 0), a mask with a sample padded on all of rank 1's slice,
-    # two inputs of different lengths and widths, an uneven split
-    "masked-rotary-zero-tokens-two-inputs": dict(
-        config=dict(input_dim=[6, 4], depth=2, num_latents=5, latent_dim=16, cross_heads=2, cross_head_dim=8,
-                    latent_heads=2, latent_head_dim=8, cross_rotary_emb_dim=4, num_zero_tokens=2),
-        lengths=(11, 7), masked=True, io=False),
-    # the seed's wiring (no input LayerNorm), a sample with no valid key at all, Perceiver IO on top
-    "raw-inputs-empty-sample-io": dict(
-        config=dict(input_dim=5, depth=2, num_latents=4, latent_dim=16, cross_heads=1, cross_head_dim=8,
-                    latent_heads=2, latent_head_dim=8, cross_input_norm=False, weight_tie_layers=True,
-                    query_dim=6, output_dim=3, cross_attention_chunk_size=6),
-        lengths=(9,), masked=True, io=True),
-    "unmasked": dict(
-        config=dict(input_dim=6, depth=1, num_latents=3, latent_dim=16, cross_heads=2, cross_head_dim=8,
-                    latent_heads=2, latent_head_dim=8),
-        lengths=(8,), masked=False, io=False),
-}
-
-
-def _data(case, batch=3):
-    g = torch.Generator().manual_seed(1)
-    cfg = PerceiverConfig(**case["config"])
-    dims = cfg.input_dims
-    xs = [torch.randn(batch, n, dims[i], generator=g) for i, n in enumerate(case["lengths"])]
-    masks = None
-    if case["masked"]:
-        masks = []
-        for n in case["lengths"]:
-            m = torch.rand(batch, n, generator=g) < 0.7
-            m[0, n // 2:] = False  # padded on the whole second half: rank 1's slice holds none of its keys
-            m[1, :] = True
-            m[2, :] = False if case["io"] else m[2, :]  # no valid key anywhere: a zero update
-            masks.append(m)
-    return cfg, xs, masks
-
-
-def _run(model, xs, masks, io):
-    inputs = xs if len(xs) > 1 else xs[0]
-    attention_mask = None if masks is None else (masks if len(masks) > 1 else masks[0])
-    if io:
-        queries = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
-        return model(inputs, attention_mask, queries=queries).logits
-    return model(inputs, attention_mask).last_hidden_state
-
-
-def _worker(rank, world, port, case_name):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        case = CASES[case_name]
-        cfg, xs, masks = _data(case)
-        torch.manual_seed(0)
-        model = (PerceiverIOModel if case["io"] else PerceiverModel)(cfg).train()
-        # The single-process reference, computed on every rank alone.
-        ref_xs = [x.clone().requires_grad_() for x in xs]
-        ref = _run(model, ref_xs, masks, case["io"])
-        ref.square().sum().backward()
-        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
-        # This rank's slice of every input (uneven when the length is odd).
-        local_xs, local_masks = [], None if masks is None else []
-        for i, x in enumerate(xs):
-            cut = (x.shape[1] + 1) // 2
-            part = slice(0, cut) if rank == 0 else slice(cut, None)
-            local_xs.append(x[:, part].clone().requires_grad_())
-            if masks is not None:
-                local_masks.append(masks[i][:, part])
-        with context_parallel():
-            out = _run(model, local_xs, local_masks, case["io"])
-        out.square().sum().backward()
-        torch.testing.assert_close(out, ref, **TOL)
-        for name, p in model.named_parameters():
-            if name in ref_grads:
-                torch.testing.assert_close(p.grad, ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
-        for i, x in enumerate(local_xs):
-            cut = (xs[i].shape[1] + 1) // 2
-            part = slice(0, cut) if rank == 0 else slice(cut, None)
-            torch.testing.assert_close(x.grad, ref_xs[i].grad[:, part], **TOL)
-    finally:
-        dist.destroy_process_group()
+from context_parallel_common import CASES, run_on_two_ranks
 
 
 @pytest.mark.parametrize("case_name", sorted(CASES))
 def test_context_parallel_equals_one_process(case_name):
-    mp.spawn(_worker, args=(2, _free_port(), case_name), nprocs=2, join=True)
+    run_on_two_ranks(case_name)
 
 
 def test_context_parallel_needs_a_process_group():
     with pytest.raises(ValueError, match="init_process_group"):
         with context_parallel():
             pass
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config, train, call, match", [
+    (dict(), False, dict(output_attentions=True), "no rank holds the whole attention map"),
+    (dict(cross_attn_dropout=0.1), True, dict(), "no attention dropout, but cross_attn_dropout=0.1"),
+])
+def test_context_parallel_refusals(one_rank, config, train, call, match):
+    import torch
+
+    from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+
+    model = PerceiverModel(PerceiverConfig(input_dim=4, depth=1, num_latents=2, latent_dim=8, cross_head_dim=8,
+                                           latent_heads=1, latent_head_dim=8, **config)).train(train)
+    with context_parallel(), pytest.raises(ValueError, match=match):
+        model(torch.randn(1, 5, 4), **call)
+
+
+def test_context_parallel_on_one_rank_equals_the_regular_path(one_rank):
+    import torch
+
+    from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+
+    torch.manual_seed(0)
+    model = PerceiverModel(PerceiverConfig(input_dim=4, depth=2, num_latents=3, latent_dim=8, cross_head_dim=8,
+                                           latent_heads=1, latent_head_dim=8, num_zero_tokens=1)).eval()
+    x, mask = torch.randn(2, 7, 4), torch.rand(2, 7) < 0.6
+    with context_parallel():
+        parallel = model(x, mask).last_hidden_state
+    torch.testing.assert_close(parallel, model(x, mask).last_hidden_state, rtol=1e-5, atol=1e-5)  # fp32 rounding

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import distributed_common
+from context_parallel_common import CASES as CONTEXT_PARALLEL_CASES, run_on_two_ranks
 from distributed_common import CASES, ROOT, single_process_step, torchrun
 
 
@@ -130,3 +131,9 @@ def test_resume_from_checkpoint_on_two_gpus(tmp_path, parallelism):
         torch.testing.assert_close(got[name], value, atol=GPU_STEP_ATOL, rtol=GPU_STEP_RTOL, msg=name)
     # Control: steps 3 and 4 moved the weights, so stopping at step 2 would fail the comparison.
     assert max((expected[n] - initial[n]).abs().max().item() for n in expected) > 100 * GPU_STEP_ATOL
+
+
+@pytest.mark.parametrize("case_name", sorted(CONTEXT_PARALLEL_CASES))
+def test_context_parallel_on_two_gpus_equals_one_gpu(case_name):
+    # Each GPU holds a slice of the sequence (nccl); outputs and every gradient are checked against one GPU's.
+    run_on_two_ranks(case_name, "cuda")
