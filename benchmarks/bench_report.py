@@ -41,10 +41,17 @@ def load(path: str | Path) -> dict:
         return json.load(f)
 
 
+# Results of the other scripts (long_inputs.py, multi_gpu.py) share the folder but not the schema.
+OTHER_RESULTS = ("-long-inputs", "-multi-gpu")
+
+
 def newest_results(results_dir: str | Path) -> Path:
-    """The newest results file: the latest date in its name, then the latest modification; smoke runs only when
-    there is nothing else."""
-    files = [p for p in Path(results_dir).glob("*.json") if not p.name.startswith(".")]
+    """The newest results file of `run.py`: the latest date in its name, then the latest modification; smoke runs
+    only when there is nothing else."""
+    files = [
+        p for p in Path(results_dir).glob("*.json")
+        if not p.name.startswith(".") and not p.stem.removesuffix("-smoke").endswith(OTHER_RESULTS)
+    ]
     if not files:
         raise FileNotFoundError(f"No results JSON in {results_dir}; run benchmarks/run.py first.")
     return max(files, key=lambda p: (not p.stem.endswith("-smoke"), p.name[:10], p.stat().st_mtime))
