@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from hf_flash_perceiver import PerceiverConfig, PerceiverForImageClassification, PerceiverForSequenceClassification
+from hf_flash_perceiver import (
+    PerceiverConfig,
+    PerceiverForImageClassification,
+    PerceiverForMaskedLM,
+    PerceiverForSequenceClassification,
+    PerceiverIOForRegression,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +45,23 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "cross_attention_checkpointing": (
         "sequence", dict(input_dim=5, depth=2, cross_attention_checkpointing=True, cross_attention_chunk_size=8), True,
     ),
+    # Token ids with padding, one decoder query per position, the output layer tied to the input embedding.
+    "masked_lm_tied": ("masked_lm", dict(depth=2, max_position_embeddings=12), False),
+    # Perceiver IO: padded inputs, padded queries, dense targets (-100 at the padded queries).
+    "io_regression": ("io_regression", dict(input_dim=5, depth=2, query_dim=4, output_dim=2), True),
+}
+
+HEAD_CLASSES = {
+    "sequence": PerceiverForSequenceClassification,
+    "image": PerceiverForImageClassification,
+    "masked_lm": PerceiverForMaskedLM,
+    "io_regression": PerceiverIOForRegression,
 }
 
 
 def head_class(case: str) -> type:
     """The case's head class."""
-    return PerceiverForImageClassification if CASES[case][0] == "image" else PerceiverForSequenceClassification
+    return HEAD_CLASSES[CASES[case][0]]
 
 
 def build_model(case: str) -> torch.nn.Module:
@@ -69,6 +86,22 @@ def global_batch(case: str) -> dict:
     labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
     if kind == "image":
         return {"pixel_values": torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g), "labels": labels}
+    # Lengths cycle with period 4, so both halves of the batch hold the same number of labelled items: the mean of
+    # the two halves' mean losses is then the whole batch's mean loss, which is what DDP/FSDP averaging computes.
+    if kind == "masked_lm":
+        ids = torch.randint(6, 262, (GLOBAL_BATCH, 12), generator=g)
+        mask = torch.arange(12)[None, :] < (torch.arange(GLOBAL_BATCH) % 4 + 9)[:, None]
+        picked = (torch.arange(12)[None, :] % 3 == 0) & mask
+        return {"input_ids": ids.masked_fill(picked, 3), "attention_mask": mask.long(),
+                "labels": ids.masked_fill(~picked, -100)}
+    if kind == "io_regression":
+        inputs = torch.randn(GLOBAL_BATCH, 11, 5, generator=g)
+        mask = torch.arange(11)[None, :] < (torch.arange(GLOBAL_BATCH) % 4 + 8)[:, None]
+        queries = torch.randn(GLOBAL_BATCH, 6, 4, generator=g)
+        query_mask = torch.arange(6)[None, :] < (torch.arange(GLOBAL_BATCH) % 4 + 3)[:, None]
+        targets = torch.randn(GLOBAL_BATCH, 6, 2, generator=g).masked_fill(~query_mask[..., None], -100.0)
+        return {"inputs": inputs, "attention_mask": mask, "queries": queries, "query_mask": query_mask,
+                "labels": targets}
     widths = fields["input_dim"] if isinstance(fields["input_dim"], list) else [fields["input_dim"]]
     inputs, masks = [], []
     for width, length in zip(widths, (11, 7)):
