@@ -185,6 +185,33 @@ def fsdp2_prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return fsdp2_prepare_model(accelerator, model)
 
 
+def check_fsdp2_save(out_dir: Path, case: str, device: str, atol: float, rtol: float) -> None:
+    """The case's FSDP2 save (written by `run_case`) loads on one process: it names the model's own class and ships
+    the package's code (not torch's FSDP wrapper), its weights are the gathered ones exactly (a file round trip), and
+    they equal one process's step on the whole batch within `atol`/`rtol`."""
+    import json
+
+    result = torch.load(out_dir / f"fsdp2_{case}.pt", weights_only=False)
+    folder = out_dir / f"fsdp2_{case}"
+    cls = head_class(case)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [cls.__name__]
+    assert config["auto_map"][cls._hub_auto_class] == f"modeling_perceiver.{cls.__name__}"
+    code = {p.name for p in folder.glob("*.py")}
+    assert "modeling_perceiver.py" in code and not any(name.startswith("_fsdp") for name in code), code
+    loaded = cls.from_pretrained(folder)
+    saved = result["saved_state_dict"]
+    # Tied weights (the masked LM's output layer) appear under both names in a state dict, once in the parameters.
+    params = dict(loaded.named_parameters(remove_duplicate=False))
+    assert params.keys() == saved.keys() and set(result["per_rank"][0]) <= set(saved)
+    for name, tensor in saved.items():
+        assert params[name].dtype == tensor.dtype and torch.equal(params[name], tensor.cpu()), name
+    for name, tensor in result["per_rank"][0].items():
+        torch.testing.assert_close(saved[name].cpu(), tensor, atol=0, rtol=0)
+    for name, value in single_process_step(case, device=device).items():
+        torch.testing.assert_close(params[name], value, atol=atol, rtol=rtol)
+
+
 def fsdp2_units(model: torch.nn.Module) -> list[str]:
     """Names of the modules FSDP2 made units of their own ("" for the root)."""
     from torch.distributed.fsdp import FSDPModule

@@ -74,30 +74,7 @@ def test_fsdp2_step_equals_one_process(distributed_steps, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_save_loads_on_one_process(distributed_steps, case):
-    result = torch.load(distributed_steps / f"fsdp2_{case}.pt", weights_only=False)
-    folder = distributed_steps / f"fsdp2_{case}"
-    cls = distributed_common.head_class(case)
-    # Saved from torch's wrapper class (FSDP<Name>), registered for its Auto class: the checkpoint names the model's
-    # own class, and the code saved with it is the package's.
-    config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == [cls.__name__]
-    assert config["auto_map"][cls._hub_auto_class] == f"modeling_perceiver.{cls.__name__}"
-    code = {p.name for p in folder.glob("*.py")}
-    assert "modeling_perceiver.py" in code and not any(name.startswith("_fsdp") for name in code), code
-    loaded = cls.from_pretrained(folder)
-    saved = result["saved_state_dict"]
-    # Tied weights (the masked LM's output layer) appear under both names in a state dict, once in the parameters.
-    params = dict(loaded.named_parameters(remove_duplicate=False))
-    assert params.keys() == saved.keys() and set(result["per_rank"][0]) <= set(saved)
-    for name, tensor in saved.items():
-        # A file round trip of the gathered tensors: exact.
-        assert params[name].dtype == tensor.dtype and torch.equal(params[name], tensor), name
-    for name, tensor in result["per_rank"][0].items():
-        torch.testing.assert_close(saved[name], tensor, atol=0, rtol=0)
-    expected = single_process_step(case)
-    for name, value in expected.items():
-        torch.testing.assert_close(params[name], value, atol=STEP_ATOL, rtol=STEP_RTOL)
-
+    distributed_common.check_fsdp2_save(distributed_steps, case, "cpu", STEP_ATOL, STEP_RTOL)
 
 def test_get_input_embeddings_never_raises():
     """accelerate's FSDP2 preparation (and enable_input_require_grads, PEFT) call it on every model."""

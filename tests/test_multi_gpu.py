@@ -63,22 +63,7 @@ def test_step_on_two_gpus_equals_one_gpu(gpu_steps, mode, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_save_loads_on_one_process(gpu_steps, case):
-    result = torch.load(gpu_steps / f"fsdp2_{case}.pt", weights_only=False)
-    folder = gpu_steps / f"fsdp2_{case}"
-    cls = distributed_common.head_class(case)
-    config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == [cls.__name__]
-    assert config["auto_map"][cls._hub_auto_class] == f"modeling_perceiver.{cls.__name__}"
-    loaded = cls.from_pretrained(folder)
-    # Tied weights (the masked LM's output layer) appear under both names in a state dict, once in the parameters.
-    params = dict(loaded.named_parameters(remove_duplicate=False))
-    assert params.keys() == result["saved_state_dict"].keys()
-    for name, tensor in result["saved_state_dict"].items():
-        assert torch.equal(params[name], tensor.cpu()), name  # a file round trip: exact
-    expected = single_process_step(case, device="cuda")
-    for name, value in expected.items():
-        torch.testing.assert_close(params[name], value, atol=GPU_STEP_ATOL, rtol=GPU_STEP_RTOL)
-
+    distributed_common.check_fsdp2_save(gpu_steps, case, "cuda", GPU_STEP_ATOL, GPU_STEP_RTOL)
 
 def run_classification(out: Path, *overrides: str) -> dict:
     """The classification example under `torchrun --nproc_per_node 2` on the GPUs; its one printed summary."""
