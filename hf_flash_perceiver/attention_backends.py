@@ -17,6 +17,9 @@ Backends:
   key mask, which is wrong for cross-attention where latents != input length.
 - `"flash_attention_4"`: the optional `flash-attn-4` package (FlashAttention-4 CuTe-DSL kernels, `flash_attn.cute`),
   dense, or varlen on packed keys when masked.
+- Heads wider than the fused kernels take (over 256 channels, or not a multiple of 8) in half precision on CUDA run,
+  on every backend but eager, as two tensor-core GEMMs around a softmax (`gemm_attention`): SDPA's own choice for
+  them (its memory-efficient kernel, or fp32 math) is several times slower in backward.
 - `"eager"`: matmul + softmax in fp32; the reference, and the only backend that materialises attention weights.
   Asking for weights routes *that call* through it, whatever backend the model uses.
 """
@@ -96,11 +99,47 @@ def eager_attention(
     return out, weights.to(query.dtype)
 
 
-def fused_kernels_fit(query: Tensor) -> bool:
+def fused_kernels_fit(query: Tensor, value: Tensor | None = None) -> bool:
     """Whether PyTorch's fused FlashAttention-2 / cuDNN kernels take this call: CUDA, half precision, a head width
-    they support. The one check for every caller that picks a kernel itself (masked SDPA, chunked cross-attention)."""
+    they support (one width for queries/keys and values). The one check for every caller that picks a kernel itself
+    (masked SDPA, chunked cross-attention)."""
     head_dim = query.shape[-1]
+    if value is not None and value.shape[-1] != head_dim:
+        return False
     return query.is_cuda and query.dtype in HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 128 and CUDNN_AVAILABLE
+
+
+# Widest head the fused FlashAttention / cuDNN kernels take.
+FUSED_MAX_HEAD_DIM = 256
+
+
+def is_wide_head(query: Tensor, value: Tensor) -> bool:
+    """A half-precision CUDA call whose head width no fused kernel takes (over 256, or not a multiple of 8: the
+    single 512- to 1280-wide heads and the 261/322-wide ones of transformers' pretrained Perceivers). Left to itself
+    SDPA runs those on its memory-efficient kernel, whose backward is very slow at these widths, or on its fp32 math
+    path."""
+    widths = (query.shape[-1], value.shape[-1])
+    return (
+        query.is_cuda and query.dtype in HALF_DTYPES
+        and any(w > FUSED_MAX_HEAD_DIM or w % 8 for w in widths)
+    )
+
+
+def gemm_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
+) -> Tensor:
+    """Attention as two half-precision GEMMs around a softmax (fp32 inside the kernel, stored in half precision),
+    differentiated by autograd: for wide heads, where the scores matrix is cheap next to the head width and
+    tensor-core GEMMs beat every fused kernel that accepts the shape. Returns `(batch, q_len, heads, v_head_dim)`."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout)
+    out = torch.matmul(probs, v).transpose(1, 2)
+    return out if mask is None else mask.zero_empty_rows(out)
 
 
 def sdpa_attention(
@@ -111,7 +150,7 @@ def sdpa_attention(
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
         return out.transpose(1, 2), None
     attn_mask = mask.mask[:, None, None, :]
-    if fused_kernels_fit(query):
+    if fused_kernels_fit(query, value):
         # Force cuDNN: SDPA's own choice for a masked call is the memory-efficient kernel, several times slower.
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
@@ -123,9 +162,9 @@ def sdpa_attention(
 
 def _pack_keys(key: Tensor, value: Tensor, mask: KeyPaddingMask) -> tuple[Tensor, Tensor, Tensor, int]:
     indices, cu_seqlens_k, max_k = mask.packed()
-    batch, kv_len, heads, head_dim = key.shape
-    k = key.reshape(batch * kv_len, heads, head_dim).index_select(0, indices)
-    v = value.reshape(batch * kv_len, heads, head_dim).index_select(0, indices)
+    batch, kv_len, heads = key.shape[:3]
+    k = key.reshape(batch * kv_len, heads, key.shape[-1]).index_select(0, indices)
+    v = value.reshape(batch * kv_len, heads, value.shape[-1]).index_select(0, indices)
     return k, v, cu_seqlens_k, max_k
 
 
@@ -142,7 +181,7 @@ def _packed_varlen(kernel: Callable, query: Tensor, key: Tensor, value: Tensor, 
     queries = query.reshape(batch * q_len, heads, head_dim)
     out = kernel(queries, k, v, _dense_query_seqlens(query), cu_seqlens_k, q_len, max_k)
     out = out[0] if isinstance(out, tuple) else out  # some kernels also return the log-sum-exp
-    return mask.zero_empty_rows(out.view(batch, q_len, heads, head_dim)), None
+    return mask.zero_empty_rows(out.view(batch, q_len, heads, value.shape[-1])), None
 
 
 def varlen_attention(
@@ -234,6 +273,9 @@ ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
 }
 
 
+# Backends whose kernels need queries/keys and values of one head width.
+SAME_WIDTH_BACKENDS = ("varlen", "flash_attention_2", "flash_attention_4")
+
 # Backends whose kernels take no attention dropout (the dense SDPA fallback of `varlen` would, but the packed-key
 # kernel it exists for does not: refusing the combination up front keeps it from failing at the first padded batch).
 BACKENDS_WITHOUT_DROPOUT = ("varlen", "flash_attention_4")
@@ -281,7 +323,8 @@ def attention(
 
     Args:
         query (`torch.Tensor` of shape `(batch, q_len, heads, head_dim)`): queries.
-        key, value (`torch.Tensor` of shape `(batch, kv_len, heads, head_dim)`): keys and values.
+        key (`torch.Tensor` of shape `(batch, kv_len, heads, head_dim)`): keys.
+        value (`torch.Tensor` of shape `(batch, kv_len, heads, v_head_dim)`): values (any width).
         mask ([`KeyPaddingMask`], *optional*): key padding (True = attend).
         implementation (`str`): a key of `ATTENTION_FUNCTIONS`.
         dropout (`float`): attention-probability dropout (pass 0 in eval).
@@ -290,10 +333,27 @@ def attention(
             `implementation` says (fused kernels never materialise the weights).
 
     Returns:
-        `(output, weights)`: output `(batch, q_len, heads, head_dim)`, weights `(batch, heads, q_len, kv_len)` or None.
+        `(output, weights)`: output `(batch, q_len, heads, v_head_dim)`, weights `(batch, heads, q_len, kv_len)` or None.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if output_attentions:
         implementation = "eager"
+    elif is_wide_head(query, value):
+        # No fused kernel of any backend takes this head width.
+        return gemm_attention(query, key, value, mask, scale=scale, dropout=dropout), None
+    qk_dim, v_dim = query.shape[-1], value.shape[-1]
+    if qk_dim != v_dim and implementation in SAME_WIDTH_BACKENDS:
+        # FlashAttention kernels take one head width: zero channels change neither the scores (query/key) nor the
+        # kept outputs (value), so pad the narrower side and slice the output back.
+        # The scale goes into the queries: a varlen kernel applies its default, 1/sqrt(padded width).
+        width = max(qk_dim, v_dim)
+        padded_scale = 1.0 / math.sqrt(width)
+        query = F.pad(query * (scale / padded_scale), (0, width - qk_dim))
+        key = F.pad(key, (0, width - qk_dim))
+        value = F.pad(value, (0, width - v_dim))
+        out, weights = ATTENTION_FUNCTIONS[implementation](
+            query, key, value, mask, scale=padded_scale, dropout=dropout
+        )
+        return out[..., :v_dim], weights
     return ATTENTION_FUNCTIONS[implementation](query, key, value, mask, scale=scale, dropout=dropout)

@@ -10,7 +10,9 @@ from transformers import PreTrainedConfig
 
 PoolingMode = Literal["average", "first", "concat", "query"]
 MlpGateActivation = Literal["gelu", "sigmoid", "silu"]
+ImageAdapter = Literal["linear", "conv1x1", "pixels", "conv"]
 POOLING_MODES = get_args(PoolingMode)
+IMAGE_ADAPTERS = get_args(ImageAdapter)
 MLP_GATE_ACTIVATIONS = get_args(MlpGateActivation)
 
 
@@ -80,6 +82,13 @@ class PerceiverConfig(PreTrainedConfig):
             Rotary dimensions of the cross-attention (0 disables rotary). Even and at most `cross_head_dim`.
         cross_attn_dropout (`float`, *optional*, defaults to 0.0):
             Attention-probability dropout of the cross-attention.
+        cross_v_head_dim (`int`, *optional*):
+            Value width per cross-attention head (`cross_head_dim` when unset): queries/keys and values may differ.
+        cross_query_residual (`bool`, *optional*, defaults to `True`):
+            Add the cross-attention's output to the latents (the residual around the attention). transformers'
+            Perceiver calls it `use_query_residual`.
+        cross_mlp_ratio (`float`, *optional*):
+            MLP width multiple of the cross-attention blocks (`mlp_ratio` / `mlp_hidden_size` when unset).
         latent_heads (`int`, *optional*, defaults to 8):
             Heads of the latent self-attention.
         latent_head_dim (`int`, *optional*, defaults to 64):
@@ -88,6 +97,12 @@ class PerceiverConfig(PreTrainedConfig):
             Rotary dimensions of the latent self-attention. Even and at most `latent_head_dim`.
         latent_attn_dropout (`float`, *optional*, defaults to 0.0):
             Attention-probability dropout of the latent self-attention.
+        latent_v_head_dim (`int`, *optional*):
+            Value width per self-attention head (`latent_head_dim` when unset).
+        latent_stack_repeats (`int`, *optional*, defaults to 1):
+            Times the `self_per_cross_attn` self-attentions after each cross-attention are applied, with the same
+            weights (transformers' Perceiver: `num_blocks` repeats of `num_self_attends_per_block` layers after one
+            cross-attention).
         latent_drop (`float`, *optional*, defaults to 0.0):
             Fraction of latents dropped per sample in training; `floor((1 - p) * m)` latents are kept.
         weight_tie_layers (`bool`, *optional*, defaults to `False`):
@@ -136,6 +151,24 @@ class PerceiverConfig(PreTrainedConfig):
             Patch size of the image adapter (1 = one token per pixel).
         num_fourier_bands (`int`, *optional*, defaults to 16):
             Fourier position bands per spatial axis of the image adapter (0 = learned positions).
+        image_adapter (`str`, *optional*, defaults to `"linear"`):
+            How images become tokens. `"linear"`: patches (+ Fourier positions) projected by a Linear to `input_dim`
+            (learned positions are added). The others concatenate positions to unprojected features and set
+            `input_dim` themselves: `"conv1x1"`: a 1x1 convolution to `image_embed_dim` channels; `"pixels"`: the raw
+            pixels; `"conv"`: a 7x7 stride-2 convolution to `image_embed_dim` channels, BatchNorm, ReLU and a 3x3
+            stride-2 max-pool (4x fewer tokens per axis). Positions: Fourier features (`num_fourier_bands` > 0), or
+            for `"conv1x1"` a learned table of width `image_position_dim` (`num_fourier_bands=0`).
+        image_embed_dim (`int`, *optional*, defaults to 256):
+            Channels of the `"conv1x1"` / `"conv"` image adapters, and of the optical-flow patch projection.
+        image_position_dim (`int`, *optional*, defaults to 256):
+            Width of the learned positions the `"conv1x1"` adapter concatenates.
+        fourier_max_resolution (`list[int]`, *optional*):
+            The grid (per axis) the Fourier frequencies are chosen for; the adapter's token grid at `image_size` when
+            unset. Fixing it lets one model read other sizes with the same frequencies.
+        num_frames (`int`, *optional*, defaults to 2):
+            Frames per sample of [`PerceiverForOpticalFlow`] (stacked per pixel before the patch projection).
+        flow_rescale_factor (`float`, *optional*, defaults to 100.0):
+            [`PerceiverForOpticalFlow`] divides its decoder outputs by this to give the flow in pixels.
         vocab_size (`int`, *optional*, defaults to 262):
             Vocabulary of token heads (262 = transformers' byte-level `PerceiverTokenizer`).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
@@ -154,6 +187,20 @@ class PerceiverConfig(PreTrainedConfig):
             Rotary dimensions of the decoder's cross-attention.
         query_attn_dropout (`float`, *optional*, defaults to 0.0):
             Attention-probability dropout of the decoder.
+        query_v_head_dim (`int`, *optional*):
+            Value width per decoder head (`query_head_dim` when unset).
+        query_residual (`bool`, *optional*, defaults to `True`):
+            Add the decoder cross-attention's output to its queries (and to the `pooling="query"` query). Off when
+            queries and outputs mean different things (positions in, pixels out).
+        query_mlp_ratio (`float`, *optional*):
+            MLP width multiple of the decoder block and of the pooling query's block (`mlp_ratio` / `mlp_hidden_size`
+            when unset).
+        output_norm (`bool`, *optional*, defaults to `True`):
+            LayerNorm before every output projection: the Perceiver IO decoder's `output_dim` projection, the
+            classifier and the masked-LM head. transformers' Perceiver has none (`False`).
+        text_input (`bool`, *optional*, defaults to `False`):
+            [`PerceiverForSequenceClassification`] reads token ids (`input_ids`) through the text adapter (token +
+            position embeddings of width `input_dim`) instead of raw features.
         classifier_dropout (`float`, *optional*, defaults to 0.0):
             Dropout before classification heads.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
@@ -181,10 +228,15 @@ class PerceiverConfig(PreTrainedConfig):
     cross_head_dim: int = positive(64)
     cross_rotary_emb_dim: int = rotary()
     cross_attn_dropout: float | int = probability()
+    cross_v_head_dim: int | None = positive(None)
+    cross_query_residual: bool = True
+    cross_mlp_ratio: float | int | None = positive(None)
     latent_heads: int = positive(8)
     latent_head_dim: int = positive(64)
     latent_rotary_emb_dim: int = rotary()
     latent_attn_dropout: float | int = probability()
+    latent_v_head_dim: int | None = positive(None)
+    latent_stack_repeats: int = positive(1)
     latent_drop: float | int = probability()
     weight_tie_layers: bool = False
     gated_mlp: bool = True
@@ -208,6 +260,12 @@ class PerceiverConfig(PreTrainedConfig):
     image_size: int = positive(224)
     patch_size: int = positive(1)
     num_fourier_bands: int = validated_field(_non_negative, default=16)
+    image_adapter: ImageAdapter = "linear"
+    image_embed_dim: int = positive(256)
+    image_position_dim: int = positive(256)
+    fourier_max_resolution: list[int] | tuple[int, ...] | None = None
+    num_frames: int = positive(2)
+    flow_rescale_factor: float | int = positive(100.0)
     vocab_size: int = positive(262)
     max_position_embeddings: int = positive(2048)
     query_dim: int | None = positive(None)
@@ -217,6 +275,11 @@ class PerceiverConfig(PreTrainedConfig):
     query_head_dim: int = positive(64)
     query_rotary_emb_dim: int = rotary()
     query_attn_dropout: float | int = probability()
+    query_v_head_dim: int | None = positive(None)
+    query_residual: bool = True
+    query_mlp_ratio: float | int | None = positive(None)
+    output_norm: bool = True
+    text_input: bool = False
     classifier_dropout: float | int = probability()
     tie_word_embeddings: bool = True
 
@@ -226,18 +289,24 @@ class PerceiverConfig(PreTrainedConfig):
             self.input_dim = list(self.input_dim)
         if isinstance(self.input_names, tuple):
             self.input_names = list(self.input_names)
+        if isinstance(self.fourier_max_resolution, tuple):
+            self.fourier_max_resolution = list(self.fourier_max_resolution)
         super().__post_init__(**kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "PerceiverConfig":
-        # transformers' own Perceiver checkpoints (model_type "perceiver") have other fields and weights: loading one
-        # here would give a randomly initialised default model with warnings, silently wrong. Refuse it instead.
+        # transformers' own Perceiver configs (model_type "perceiver") have other fields: convert them (the model
+        # classes' from_pretrained converts the weights too). Any other model type is not a Perceiver: refuse it,
+        # rather than build a default model that silently ignores the checkpoint.
         model_type = config_dict.get("model_type")
-        if model_type is not None and model_type != cls.model_type:
+        if model_type == "perceiver":
+            from .transformers_conversion import config_from_transformers
+
+            config_dict = config_from_transformers(config_dict)[0].to_dict()
+        elif model_type is not None and model_type != cls.model_type:
             raise ValueError(
-                f"This checkpoint has model_type {model_type!r}, not {cls.model_type!r}: it is not an hf-flash-perceiver "
-                "checkpoint (transformers' own Perceiver checkpoints have model_type 'perceiver' and are loaded with "
-                "transformers.PerceiverModel & co.). Loading it here would give a randomly initialised model."
+                f"This checkpoint has model_type {model_type!r}, not {cls.model_type!r} (or transformers' "
+                "'perceiver', which is converted): it is not a Perceiver checkpoint this package can read."
             )
         return super().from_dict(config_dict, **kwargs)
 
@@ -265,15 +334,21 @@ class PerceiverConfig(PreTrainedConfig):
 
     @property
     def num_self_attention_layers(self) -> int:
-        return self.depth * self.self_per_cross_attn
+        """Self-attention layer applications (repeats included)."""
+        return self.depth * self.self_per_cross_attn * self.latent_stack_repeats
 
     @property
     def num_attention_layers(self) -> int:
-        return self.depth * (1 + self.self_per_cross_attn)
+        return self.depth + self.num_self_attention_layers
 
     @property
     def decoder_query_dim(self) -> int:
         return self.latent_dim if self.query_dim is None else self.query_dim
+
+    def mlp_ratio_for(self, role: str) -> float | None:
+        """The MLP width multiple of a block role (`"cross"`, `"latent"` or `"query"`); None means
+        `mlp_hidden_size` (if set) or `mlp_ratio`."""
+        return {"cross": self.cross_mlp_ratio, "latent": None, "query": self.query_mlp_ratio}[role]
 
     def validate_architecture(self):
         """Part of `@strict` validation (at construction and in `save_pretrained`): the constraints between fields."""
@@ -287,12 +362,26 @@ class PerceiverConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`{rotary_field}` ({getattr(self, rotary_field)}) must be at most `{head}` ({getattr(self, head)})."
                 )
-        for width in {self.latent_dim, self.decoder_query_dim}:
-            if self.mlp_hidden_size is None and int(round(width * self.mlp_ratio)) < 1:
+        for width, ratio_field in ((self.latent_dim, "mlp_ratio"), (self.decoder_query_dim, "mlp_ratio"),
+                                   (self.latent_dim, "cross_mlp_ratio"), (self.decoder_query_dim, "query_mlp_ratio")):
+            ratio = getattr(self, ratio_field)
+            if ratio is None or (ratio_field == "mlp_ratio" and self.mlp_hidden_size is not None):
+                continue
+            if int(round(width * ratio)) < 1:
                 raise ValueError(
-                    f"`mlp_ratio={self.mlp_ratio}` gives a zero-width MLP for width {width}; raise it or set "
-                    "`mlp_hidden_size`."
+                    f"`{ratio_field}={ratio}` gives a zero-width MLP for width {width}; raise it"
+                    + (" or set `mlp_hidden_size`." if ratio_field == "mlp_ratio" else ".")
                 )
+        if self.image_adapter in ("pixels", "conv") and self.num_fourier_bands == 0:
+            raise ValueError(
+                f"`image_adapter={self.image_adapter!r}` concatenates Fourier positions: `num_fourier_bands` must be > 0."
+            )
+        if self.image_adapter != "linear" and self.patch_size != 1:
+            raise ValueError(f"`patch_size` applies to `image_adapter='linear'` only, got {self.patch_size}.")
+        if self.fourier_max_resolution is not None and (
+            not self.fourier_max_resolution or any(r < 1 for r in self.fourier_max_resolution)
+        ):
+            raise ValueError(f"`fourier_max_resolution` must be positive sizes, got {self.fourier_max_resolution!r}.")
         if self.num_latents is not None and self.latent_drop > 0 and int((1 - self.latent_drop) * self.num_latents) < 1:
             raise ValueError(
                 f"`latent_drop={self.latent_drop}` keeps no latent of `num_latents={self.num_latents}` (it keeps "

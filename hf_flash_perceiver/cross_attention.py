@@ -125,8 +125,9 @@ def _fused_backward(dout, q, k, v, out, lse, bias, scale, aux):
     )
 
 
-def _kernels(q: Tensor):
-    if fused_kernels_fit(q):
+def _kernels(q: Tensor, spec: "_Spec"):
+    # The fused kernels take one head width for queries/keys and values.
+    if fused_kernels_fit(q) and spec.v_head_dim == spec.head_dim:
         return _fused_forward, _fused_backward
     return _math_forward, _math_backward
 
@@ -138,6 +139,7 @@ def _kernels(q: Tensor):
 class _Spec:
     heads: int
     head_dim: int
+    v_head_dim: int
     scale: float
     chunk_size: int
     eps: float
@@ -177,7 +179,8 @@ def _project(x, weight, bias, spec: _Spec, start: int, dtype, normalize: bool, k
             x = F.layer_norm(x, (x.shape[-1],), None, None, spec.eps)
     x_in = x.to(dtype)
     kv = F.linear(x_in, weight.to(dtype), None if bias is None else bias.to(dtype))
-    k, v = kv.unflatten(-1, (2, spec.heads, spec.head_dim)).unbind(dim=-3)
+    k, v = kv.split([spec.heads * spec.head_dim, spec.heads * spec.v_head_dim], dim=-1)
+    k, v = k.unflatten(-1, (spec.heads, spec.head_dim)), v.unflatten(-1, (spec.heads, spec.v_head_dim))
     if spec.rotary is not None:
         k = spec.rotary.rotate(k, offset=start)
     return k.transpose(1, 2), v.transpose(1, 2), x_in, stats
@@ -189,7 +192,7 @@ def _project_backward(dk, dv, x, x_in, stats, weight, spec: _Spec, start: int, g
     dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)  # (batch, len, heads, head_dim)
     if spec.rotary is not None:
         dk = spec.rotary.rotate(dk, offset=start, inverse=True)  # a rotation's transpose is its inverse
-    dkv = torch.stack([dk, dv], dim=-3).flatten(-3).to(x_in.dtype)  # (batch, len, 2*heads*head_dim)
+    dkv = torch.cat([dk.flatten(-2), dv.flatten(-2)], dim=-1).to(x_in.dtype)  # (batch, len, kv_proj outputs)
     grads[0] += torch.matmul(dkv.flatten(0, 1).transpose(0, 1), x_in.flatten(0, 1)).float()
     if grads[1] is not None:
         grads[1] += torch.sum(dkv, dim=(0, 1), dtype=torch.float32)
@@ -231,7 +234,7 @@ def _bias(mask: KeyPaddingMask | None, start: int, end: int, dtype) -> Tensor | 
 class _ChunkedCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, ln_w, ln_b, kv_w, kv_b, spec: _Spec, mask, *segments):
-        fwd, _ = _kernels(q)
+        fwd, _ = _kernels(q, spec)
         dtype = q.dtype
         qt = q.transpose(1, 2).contiguous()
         out = lse = None
@@ -252,7 +255,7 @@ class _ChunkedCrossAttention(torch.autograd.Function):
                     lse = new
             if spec.group is not None:
                 if out is None:  # an empty slice: no partial of its own, weight exp(-inf) = 0 in the merge
-                    out = qt.new_zeros(qt.shape, dtype=torch.float32)
+                    out = qt.new_zeros((*qt.shape[:3], spec.v_head_dim), dtype=torch.float32)
                     lse = qt.new_full(qt.shape[:3], float("-inf"), dtype=torch.float32)
                 out, lse = merge_partials(out, lse, spec.group)
             out = out.to(dtype)
@@ -264,7 +267,7 @@ class _ChunkedCrossAttention(torch.autograd.Function):
     def backward(ctx, dout):
         qt, out, lse, ln_w, ln_b, kv_w, kv_b, *segments = ctx.saved_tensors
         spec, mask = ctx.spec, ctx.mask
-        _, bwd = _kernels(qt)
+        _, bwd = _kernels(qt, spec)
         dtype = qt.dtype
         dout_t = dout.transpose(1, 2).to(dtype).contiguous()
         dq = torch.zeros_like(qt, dtype=torch.float32)
@@ -310,17 +313,18 @@ def chunked_cross_attention(
     scale: float,
     chunk_size: int,
     rotary: nn.Module | None = None,
+    v_head_dim: int | None = None,
 ) -> Tensor:
     """Cross-attention of `query (batch, q_len, heads, head_dim)` over `context`, whose keys/values are
     `kv_proj(norm(context))` (+ rotary), computed chunk by chunk and recomputed in backward. A context-parallel
     `context` (`context.shard`) is this rank's slice: the ranks' partials are merged (see context_parallel.py).
 
-    Returns the attention output `(batch, q_len, heads, head_dim)` (zero for samples without valid keys)."""
+    Returns the attention output `(batch, q_len, heads, v_head_dim)` (zero for samples without valid keys)."""
     # `chunk_size` counts token rows across the batch: the transient memory of a chunk is what it bounds.
     keys_per_chunk = max(1, chunk_size // query.shape[0])
     shard = context.shard
     spec = _Spec(
-        heads, head_dim, scale, keys_per_chunk, norm.eps if norm is not None else 0.0, rotary,
+        heads, head_dim, head_dim if v_head_dim is None else v_head_dim, scale, keys_per_chunk, norm.eps if norm is not None else 0.0, rotary,
         group=None if shard is None else shard.group, key_offset=0 if shard is None else shard.key_offset,
         skip_prefix=shard is not None and not shard.is_first and context.prefix is not None,
     )

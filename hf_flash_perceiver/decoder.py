@@ -11,9 +11,14 @@ from .input_preparation import as_bool_mask, expand_tokens
 from .layers import AttentionSpec, PerceiverBlock
 
 
+def output_norm(config: PerceiverConfig, width: int) -> nn.Module:
+    """The LayerNorm before an output projection, or an identity (no parameters) without `config.output_norm`."""
+    return nn.LayerNorm(width, eps=config.layer_norm_eps) if config.output_norm else nn.Identity()
+
+
 class PerceiverDecoder(nn.Module):
-    """Perceiver IO decoder: queries cross-attend to the latents, then an optional LayerNorm + Linear to
-    `config.output_dim`. Outputs at masked queries are exactly zero.
+    """Perceiver IO decoder: queries cross-attend to the latents, then an optional Linear to `config.output_dim`
+    (after a LayerNorm with `config.output_norm`). Outputs at masked queries are exactly zero.
 
     `num_queries` overrides `config.num_queries` for heads that own their query table (the masked LM has one query
     per position, `config.max_position_embeddings` of them).
@@ -27,7 +32,7 @@ class PerceiverDecoder(nn.Module):
         self.queries = nn.Parameter(torch.zeros(num_queries, width)) if num_queries else None
         self.block = PerceiverBlock(config, AttentionSpec.query(config))
         if config.output_dim is not None:
-            self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+            self.norm = output_norm(config, width)
             self.proj = nn.Linear(width, config.output_dim)
         else:
             self.norm = self.proj = None
@@ -56,7 +61,8 @@ class PerceiverDecoder(nn.Module):
 
 
 class PerceiverClassificationHead(nn.Module):
-    """Pools the latents (`config.pooling`) and classifies: LayerNorm + dropout + Linear to `num_labels`."""
+    """Pools the latents (`config.pooling`) and classifies: LayerNorm (`config.output_norm`) + dropout + Linear to
+    `num_labels`."""
 
     def __init__(self, config: PerceiverConfig):
         super().__init__()
@@ -66,7 +72,7 @@ class PerceiverClassificationHead(nn.Module):
             # Perceiver IO style: one learned query cross-attends to the latents.
             self.query = nn.Parameter(torch.zeros(1, config.latent_dim))
             self.query_block = PerceiverBlock(config, AttentionSpec.query(config, dim=config.latent_dim, rotary=False))
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.norm = output_norm(config, width)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(width, config.num_labels)
 
@@ -90,4 +96,4 @@ class PerceiverClassificationHead(nn.Module):
         return self.classifier(self.dropout(self.norm(self.pool(latents))))
 
 
-__all__ = ["PerceiverClassificationHead", "PerceiverDecoder"]
+__all__ = ["PerceiverClassificationHead", "PerceiverDecoder", "output_norm"]

@@ -11,7 +11,8 @@ from .layers import AttentionSpec, PerceiverBlock
 
 
 class PerceiverEncoder(nn.Module):
-    """`depth` x (cross-attention + `self_per_cross_attn` self-attentions) over latents.
+    """`depth` x (cross-attention + `self_per_cross_attn` self-attentions, that stack applied
+    `latent_stack_repeats` times with the same weights) over latents.
 
     With `weight_tie_layers`, blocks after the first share one set of modules: the unique modules are kept once and
     indexed (registering one module twice would make `save_pretrained` fail on shared tensors). The latents after
@@ -50,8 +51,9 @@ class PerceiverEncoder(nn.Module):
         for i, context in enumerate(contexts):
             b = self.block_index(i)
             x, _ = self.cross_layers[b](x, context, **kwargs)
-            for layer in self.self_layers[b]:
-                x, _ = layer(x, **kwargs)
+            for _ in range(self.config.latent_stack_repeats):
+                for layer in self.self_layers[b]:
+                    x, _ = layer(x, **kwargs)
         return x
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention_backends import KeyPaddingMask, attention
+from .attention_backends import KeyPaddingMask, attention, is_wide_head
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
 
@@ -59,11 +59,18 @@ _GATE_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid}
 
 
 class PerceiverMLP(nn.Module):
-    """GELU MLP, or a gated MLP (`fc1` emits value and gate halves: `fc2(value * act(gate))`)."""
+    """GELU MLP, or a gated MLP (`fc1` emits value and gate halves: `fc2(value * act(gate))`).
 
-    def __init__(self, config: PerceiverConfig, dim: int):
+    Hidden width: `ratio * dim` when the block's role has its own ratio (`cross_mlp_ratio`, `query_mlp_ratio`), else
+    `config.mlp_hidden_size`, else `config.mlp_ratio * dim`.
+    """
+
+    def __init__(self, config: PerceiverConfig, dim: int, ratio: float | None = None):
         super().__init__()
-        hidden = config.mlp_hidden_size or int(round(dim * config.mlp_ratio))
+        if ratio is not None:
+            hidden = int(round(dim * ratio))
+        else:
+            hidden = config.mlp_hidden_size or int(round(dim * config.mlp_ratio))
         self.gated = config.gated_mlp
         self.gate_activation = _GATE_ACTIVATIONS[config.mlp_gate_activation]
         self.fc1 = nn.Linear(dim, 2 * hidden if self.gated else hidden)
@@ -87,28 +94,39 @@ class AttentionSpec:
 
     Attributes:
         dim: width of the attending stream (latents, or decoder queries).
-        heads, head_dim: attention heads and their width.
+        heads, head_dim: attention heads and their query/key width.
+        v_head_dim: value width per head (`head_dim` when None).
         rotary_dim: rotary channels per head (0: none).
         dropout: attention-probability dropout.
         qkv_bias: bias on the query/key/value projections.
         kv_dim: width of what is attended to (cross-attention); `None` for self-attention.
         input_norm: LayerNorm the attended input before its key/value projection (cross-attention).
         chunked: compute the input side chunk by chunk and recompute it in backward (long inputs).
+        residual: add the attention output to the attending stream (off: the block continues from the attention
+            output alone, as a Perceiver IO decoder whose queries are positions and outputs are values).
+        mlp_ratio: the MLP width multiple of this role (None: the config's shared `mlp_hidden_size` / `mlp_ratio`).
     """
 
     dim: int
     heads: int
     head_dim: int
+    v_head_dim: int | None = None
     rotary_dim: int = 0
     dropout: float = 0.0
     qkv_bias: bool = False
     kv_dim: int | None = None
     input_norm: bool = False
     chunked: bool = False
+    residual: bool = True
+    mlp_ratio: float | None = None
 
     @property
     def is_cross_attention(self) -> bool:
         return self.kv_dim is not None
+
+    @property
+    def value_dim(self) -> int:
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
 
     @classmethod
     def cross(cls, config: PerceiverConfig, input_dim: int) -> AttentionSpec:
@@ -117,6 +135,7 @@ class AttentionSpec:
             dim=config.latent_dim, heads=config.cross_heads, head_dim=config.cross_head_dim,
             rotary_dim=config.cross_rotary_emb_dim, dropout=config.cross_attn_dropout, qkv_bias=config.cross_qkv_bias,
             kv_dim=input_dim, input_norm=config.cross_input_norm, chunked=config.cross_attention_checkpointing,
+            v_head_dim=config.cross_v_head_dim, residual=config.cross_query_residual, mlp_ratio=config.cross_mlp_ratio,
         )
 
     @classmethod
@@ -125,6 +144,7 @@ class AttentionSpec:
         return cls(
             dim=config.latent_dim, heads=config.latent_heads, head_dim=config.latent_head_dim,
             rotary_dim=config.latent_rotary_emb_dim, dropout=config.latent_attn_dropout, qkv_bias=config.latent_qkv_bias,
+            v_head_dim=config.latent_v_head_dim,
         )
 
     @classmethod
@@ -135,7 +155,8 @@ class AttentionSpec:
             dim=config.decoder_query_dim if dim is None else dim, heads=config.query_heads,
             head_dim=config.query_head_dim, rotary_dim=config.query_rotary_emb_dim if rotary else 0,
             dropout=config.query_attn_dropout, qkv_bias=config.cross_qkv_bias, kv_dim=config.latent_dim,
-            input_norm=config.cross_input_norm,
+            input_norm=config.cross_input_norm, v_head_dim=config.query_v_head_dim, residual=config.query_residual,
+            mlp_ratio=config.query_mlp_ratio,
         )
 
 
@@ -151,11 +172,16 @@ class PerceiverAttention(nn.Module):
         self.spec = spec
         self.num_heads = spec.heads
         self.head_dim = spec.head_dim
-        self.o_proj = nn.Linear(spec.heads * spec.head_dim, spec.dim)
+        self.v_head_dim = spec.value_dim
+        self.o_proj = nn.Linear(spec.heads * self.v_head_dim, spec.dim)
         self.rotary = PerceiverRotaryEmbedding(spec.rotary_dim, config.rotary_base) if spec.rotary_dim else None
 
-    def _heads(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
-        return x.unflatten(-1, (parts, self.num_heads, self.head_dim)).unbind(dim=-3)
+    def _heads(self, x: Tensor, *widths: int) -> tuple[Tensor, ...]:
+        """Split a fused projection `(..., heads * sum(widths))` into `(..., heads, width)` views, one per width."""
+        if len(set(widths)) == 1:
+            return x.unflatten(-1, (len(widths), self.num_heads, widths[0])).unbind(dim=-3)
+        parts = x.split([self.num_heads * w for w in widths], dim=-1)
+        return tuple(part.unflatten(-1, (self.num_heads, w)) for part, w in zip(parts, widths))
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None,
                 output_attentions: bool) -> tuple[Tensor, Tensor | None]:
@@ -173,10 +199,11 @@ class PerceiverSelfAttention(PerceiverAttention):
 
     def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
         super().__init__(config, spec)
-        self.qkv_proj = nn.Linear(spec.dim, 3 * spec.heads * spec.head_dim, bias=spec.qkv_bias)
+        self.qkv_proj = nn.Linear(spec.dim, spec.heads * (2 * spec.head_dim + self.v_head_dim), bias=spec.qkv_bias)
 
     def forward(self, hidden_states: Tensor, output_attentions: bool = False, **kwargs) -> tuple[Tensor, Tensor | None]:
-        query, key, value = self._heads(self.qkv_proj(hidden_states), 3)
+        d = self.head_dim
+        query, key, value = self._heads(self.qkv_proj(hidden_states), d, d, self.v_head_dim)
         if self.rotary is not None:
             cos, sin = self.rotary(query.shape[1], query.device)
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
@@ -198,9 +225,8 @@ class PerceiverCrossAttention(PerceiverAttention):
 
     def __init__(self, config: PerceiverConfig, spec: AttentionSpec, input_norm: nn.LayerNorm | None):
         super().__init__(config, spec)
-        inner = spec.heads * spec.head_dim
-        self.q_proj = nn.Linear(spec.dim, inner, bias=spec.qkv_bias)
-        self.kv_proj = nn.Linear(spec.kv_dim, 2 * inner, bias=spec.qkv_bias)
+        self.q_proj = nn.Linear(spec.dim, spec.heads * spec.head_dim, bias=spec.qkv_bias)
+        self.kv_proj = nn.Linear(spec.kv_dim, spec.heads * (spec.head_dim + self.v_head_dim), bias=spec.qkv_bias)
         # A plain reference, not a submodule: the block registers it, under its checkpoint name.
         self._input_norm = (input_norm,)
 
@@ -222,16 +248,70 @@ class PerceiverCrossAttention(PerceiverAttention):
         else:
             weight, bias = fold_norm_affine(norm.weight, norm.bias, self.kv_proj.weight, self.kv_proj.bias)
             kv = F.linear(context.normalized(norm.eps), weight, bias)
-        key, value = self._heads(kv, 2)
+        key, value = self._heads(kv, self.head_dim, self.v_head_dim)
         if self.rotary is not None:
             # Keys carry their own positions (token index), queries theirs (latent index).
             key = self.rotary.rotate(key)
         return key, value
 
+    def absorbs_projection(self, query: Tensor, context: CrossInput, output_attentions: bool) -> bool:
+        """Whether this call attends to the input itself, with the key/value projection moved onto the queries and
+        the output ([`absorbed_attention`]): for the wide heads that no fused kernel takes (attention then runs as
+        GEMMs over the materialised scores either way) when it needs fewer FLOPs than projecting every input token,
+        which is the case for transformers' pretrained single-head cross-attentions (qk width >= input width). Not
+        with rotary keys (positions enter the keys), attention maps, or the chunked / context-parallel paths."""
+        if output_attentions or self.rotary is not None or self.spec.chunked or context.shard is not None:
+            return False
+        if (self.config._attn_implementation or "sdpa") == "eager":
+            return False
+        width = self.spec.kv_dim
+        probe = query.new_empty((0, self.v_head_dim))
+        if not is_wide_head(query, probe):
+            return False
+        heads, dk, dv, n_q = self.num_heads, self.head_dim, self.v_head_dim, query.shape[1]
+        n_kv = context.tokens.shape[1]
+        absorbed = 2 * heads * n_q * n_kv * width + heads * n_q * width * (dk + dv)
+        projected = n_kv * width * heads * (dk + dv) + heads * n_q * n_kv * (dk + dv)
+        return absorbed < projected
+
+    def absorbed_attention(self, query: Tensor, context: CrossInput) -> Tensor:
+        r"""Attention over the (normalised) input tokens `x` with the key/value projection absorbed:
+        `q . (W_k x + b_k) = (W_k^T q) . x + q . b_k`, and the last term is constant over keys, so it cancels in the
+        softmax; `sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v sum_j p_j`. Exact in real arithmetic; no key
+        or value tensor of the input's length is ever made. Heads share `x`: they are stacked as rows of one GEMM.
+
+        Returns `(batch, q_len, heads, v_head_dim)`."""
+        norm = self.input_norm
+        if norm is None:
+            x, (weight, bias) = context.materialize(), (self.kv_proj.weight, self.kv_proj.bias)
+        else:
+            x = context.normalized(norm.eps)
+            weight, bias = fold_norm_affine(norm.weight, norm.bias, self.kv_proj.weight, self.kv_proj.bias)
+        batch, n_q, heads, dk = query.shape
+        dv, width = self.v_head_dim, weight.shape[1]
+        w_k, w_v = weight.split([heads * dk, heads * dv])
+        q = torch.matmul(query.transpose(1, 2) * dk**-0.5, w_k.view(heads, dk, width))  # (batch, heads, n_q, width)
+        scores = torch.matmul(q.reshape(batch, heads * n_q, width), x.transpose(1, 2))
+        mask = context.mask
+        if mask is not None:
+            scores = scores.masked_fill(~mask.mask[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        dropout = self.spec.dropout if self.training else 0.0
+        if dropout > 0:
+            probs = F.dropout(probs, p=dropout)
+        mixed = torch.matmul(probs, x).view(batch, heads, n_q, width)
+        out = torch.matmul(mixed, w_v.view(heads, dv, width).transpose(1, 2))  # (batch, heads, n_q, dv)
+        if bias is not None:
+            b_v = bias[heads * dk:].view(heads, 1, dv).to(out.dtype)
+            # The probabilities sum to 1 per row, except under dropout.
+            out = out + (b_v if dropout == 0 else b_v * probs.sum(-1).view(batch, heads, n_q, 1).to(out.dtype))
+        out = out.transpose(1, 2)
+        return out if mask is None else mask.zero_empty_rows(out)
+
     def forward(
         self, hidden_states: Tensor, context: CrossInput, output_attentions: bool = False, **kwargs
     ) -> tuple[Tensor, Tensor | None]:
-        (query,) = self._heads(self.q_proj(hidden_states), 1)
+        (query,) = self._heads(self.q_proj(hidden_states), self.head_dim)
         if self.rotary is not None:
             query = self.rotary.rotate(query)
         if context.shard is not None and output_attentions:
@@ -242,12 +322,14 @@ class PerceiverCrossAttention(PerceiverAttention):
             raise ValueError(
                 f"context_parallel() has no attention dropout, but cross_attn_dropout={self.spec.dropout}: set it to 0."
             )
+        if self.absorbs_projection(query, context, output_attentions):
+            return self.o_proj(self.absorbed_attention(query, context).flatten(-2)), None
         if (self.spec.chunked or context.shard is not None) and not output_attentions:
             # Long inputs: keys/values chunk by chunk, recomputed in backward, and under context parallelism merged
             # over the ranks (see cross_attention.py).
             out = chunked_cross_attention(
                 query, context, self.input_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
-                scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
+                v_head_dim=self.v_head_dim, scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
             )
             return self.o_proj(out.flatten(-2)), None
         key, value = self.project_context(context)
@@ -255,9 +337,9 @@ class PerceiverCrossAttention(PerceiverAttention):
 
 
 class PerceiverBlock(GradientCheckpointingLayer):
-    """The one configurable block: pre-LayerNorm attention, `x + Attn(LN(x) [, context])`, then `x + MLP(LN(x))`
-    (or the MLP branch alone when `config.mlp_residual` is off, as in flash-perceiver 0.2.0). Cross- or
-    self-attention by `spec`."""
+    """The one configurable block: pre-LayerNorm attention, `x + Attn(LN(x) [, context])` (`Attn(...)` alone when
+    `spec.residual` is off), then `x + MLP(LN(x))` (or the MLP branch alone when `config.mlp_residual` is off, as in
+    flash-perceiver 0.2.0). Cross- or self-attention by `spec`."""
 
     def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
         super().__init__()
@@ -269,7 +351,8 @@ class PerceiverBlock(GradientCheckpointingLayer):
             self.context_norm = None
             self.attn = PerceiverSelfAttention(config, spec)
         self.norm2 = nn.LayerNorm(spec.dim, eps=config.layer_norm_eps)
-        self.mlp = PerceiverMLP(config, spec.dim)
+        self.mlp = PerceiverMLP(config, spec.dim, spec.mlp_ratio)
+        self.attn_residual = spec.residual
         self.mlp_residual = config.mlp_residual
 
     def forward(
@@ -283,6 +366,6 @@ class PerceiverBlock(GradientCheckpointingLayer):
             attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
         else:
             attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
-        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
         mlp_out = self.mlp(self.norm2(hidden_states))
         return (hidden_states + mlp_out if self.mlp_residual else mlp_out), weights

@@ -131,6 +131,20 @@ def dense_regression_loss(
     return _mean_over_items(error, count, num_items_in_batch)
 
 
+def flow_endpoint_error(flow: Tensor, labels: Tensor) -> Tensor:
+    """Average end-point error: the mean over pixels of the Euclidean distance between predicted and true flow, both
+    `(batch, height, width, 2)` in pixels."""
+    if not isinstance(labels, Tensor) or not labels.is_floating_point():
+        got = labels.dtype if isinstance(labels, Tensor) else type_name(labels)
+        raise TypeError(f"Flow `labels` must be a floating-point tensor, got {got}.")
+    if labels.shape != flow.shape:
+        raise ValueError(
+            f"Flow `labels` must have the prediction's shape (batch, height, width, 2) = {tuple(flow.shape)}, "
+            f"got {tuple(labels.shape)}."
+        )
+    return torch.linalg.vector_norm(flow.float() - labels.float().to(flow.device), dim=-1).mean()
+
+
 def masked_lm_loss(
     logits: Tensor,
     labels: Tensor,

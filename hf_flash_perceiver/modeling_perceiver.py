@@ -25,13 +25,13 @@ except ImportError:
 
 from .attention_backends import check_attn_implementation, check_backend_dropout
 from .configuration_perceiver import PerceiverConfig
-from .decoder import PerceiverClassificationHead, PerceiverDecoder
+from .decoder import PerceiverClassificationHead, PerceiverDecoder, output_norm
 from .encoder import PerceiverEncoder, drop_tokens
 from .hub_perceiver import PerceiverHubMixin
-from .input_adapters import PerceiverImageAdapter, PerceiverTextAdapter
+from .input_adapters import PerceiverFlowAdapter, PerceiverImageAdapter, PerceiverTextAdapter, image_adapter_width
 from .input_preparation import InputsType, MaskType, expand_tokens, prepare_inputs
 from .layers import PerceiverAttention, PerceiverBlock, PerceiverRotaryEmbedding
-from .losses import classification_loss, dense_regression_loss, masked_lm_loss
+from .losses import classification_loss, dense_regression_loss, flow_endpoint_error, masked_lm_loss
 
 
 @dataclass
@@ -44,7 +44,7 @@ class PerceiverModelOutput(ModelOutput):
             The final latents.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The latents entering the first block, then after every attention block:
-            `1 + depth * (1 + self_per_cross_attn)` tensors of shape `(batch_size, num_latents, latent_dim)`.
+            `1 + depth * (1 + self_per_cross_attn * latent_stack_repeats)` tensors of shape `(batch_size, num_latents, latent_dim)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
             One map per attention layer in the order cross_0, self_0_0, ..., cross_1, ...: cross maps
             `(batch_size, cross_heads, num_latents, seq_len)` (masked keys exactly 0), self maps
@@ -145,8 +145,20 @@ class PerceiverPreTrainedModel(PerceiverHubMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`; a truncated or corrupt weights file is reported by name (safetensors'
-        own error does not say which file it was reading)."""
+        """As `PreTrainedModel.from_pretrained`, and:
+
+        - a checkpoint of transformers' own Perceiver (`model_type: "perceiver"`: `deepmind/language-perceiver`,
+          `deepmind/vision-perceiver-*`, `deepmind/optical-flow-perceiver`, fine-tuned ones) is converted on load,
+          config and weights, onto this package's class (see `transformers_conversion.py`); `save_pretrained` then
+          writes this package's format;
+        - a truncated or corrupt weights file is reported by name (safetensors' own error does not say which file
+          it was reading).
+        """
+        if not isinstance(kwargs.get("config"), PerceiverConfig) and not args:
+            if _source_model_type(pretrained_model_name_or_path, kwargs) == "perceiver":
+                from .transformers_conversion import load_transformers_checkpoint
+
+                return load_transformers_checkpoint(cls, pretrained_model_name_or_path, **kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
@@ -178,6 +190,21 @@ class PerceiverPreTrainedModel(PerceiverHubMixin, PreTrainedModel):
             # Learned token tables (latents, zero tokens, queries) are plain Parameters on their owner.
             if name in ("latents", "queries", "query") or isinstance(module, nn.ParameterList):
                 init.trunc_normal_(param, std=std)
+
+
+# from_pretrained keyword arguments that locate a checkpoint's config.json (the rest configure the model).
+_CONFIG_LOOKUP_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def _source_model_type(pretrained_model_name_or_path, kwargs: dict) -> str | None:
+    """The `model_type` in a checkpoint's config.json, or None when it cannot be read here (from_pretrained then
+    reports the problem itself)."""
+    lookup = {k: kwargs[k] for k in _CONFIG_LOOKUP_KWARGS if k in kwargs}
+    try:
+        config_dict, _ = PerceiverConfig.get_config_dict(pretrained_model_name_or_path, **lookup)
+    except (OSError, ValueError):
+        return None
+    return config_dict.get("model_type")
 
 
 def _wants_attentions(config: PerceiverConfig, kwargs: dict) -> bool:
@@ -327,8 +354,9 @@ class PerceiverIOModel(PerceiverPreTrainedModel):
         )
 
 
-def _pin_adapter_width(config: PerceiverConfig, head: str) -> int:
-    """The width of an input adapter's tokens: `config.input_dim`, or `latent_dim` when unset.
+def _pin_adapter_width(config: PerceiverConfig, head: str, width: int | None = None) -> int:
+    """The width of an input adapter's tokens: `width` when the adapter fixes it (images without a projection,
+    optical flow), else `config.input_dim`, or `latent_dim` when unset.
 
     The width is written back into the config so that the checkpoint's encoder loads on its own: `AutoModel` gives
     a [`PerceiverModel`], which reads `config.input_dim` (the adapter's tokens are its raw features).
@@ -338,8 +366,13 @@ def _pin_adapter_width(config: PerceiverConfig, head: str) -> int:
             f"{head} feeds one input adapter to every cross-attention block, so `input_dim` must be an int or None, "
             f"got the list {config.input_dim}."
         )
+    if width is not None and config.input_dim not in (None, width):
+        raise ValueError(
+            f"{head}'s input adapter makes tokens of width {width}, but the config sets `input_dim={config.input_dim}`: "
+            "leave `input_dim` unset (it is derived from the adapter settings)."
+        )
     if config.input_dim is None:
-        config.input_dim = config.latent_dim
+        config.input_dim = config.latent_dim if width is None else width
     return config.input_dim
 
 
@@ -360,7 +393,9 @@ class _ClassifierMixin:
 class PerceiverForSequenceClassification(_ClassifierMixin, PerceiverPreTrainedModel):
     r"""
     Perceiver with a classification head over the pooled latents (`config.pooling`: `"average"`, `"first"`,
-    `"concat"` or `"query"`). Takes raw features (`inputs`), like [`PerceiverModel`].
+    `"concat"` or `"query"`). Takes raw features (`inputs`), like [`PerceiverModel`], or with `config.text_input`
+    token ids (`input_ids`) through a [`PerceiverTextAdapter`] (token + position embeddings), as transformers'
+    `PerceiverForSequenceClassification` (and `pipeline("text-classification")`) does.
 
     `labels` give a loss by `config.problem_type` (single-label cross-entropy, multi-label BCE or regression MSE,
     inferred as transformers does when unset).
@@ -373,29 +408,44 @@ class PerceiverForSequenceClassification(_ClassifierMixin, PerceiverPreTrainedMo
     def __init__(self, config: PerceiverConfig, input_dims: list[int] | None = None):
         super().__init__(config)
         self.num_labels = config.num_labels
+        if config.text_input:
+            width = _pin_adapter_width(config, type(self).__name__)
+            self.input_adapter = PerceiverTextAdapter(config, width)
+            self.main_input_name = "input_ids"
+            input_dims = config.input_dims
+        else:
+            self.input_adapter = None
         self.perceiver = PerceiverModel(config, input_dims)
         self.head = PerceiverClassificationHead(config)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        return None if self.input_adapter is None else self.input_adapter.token_embeddings
+
     def forward_features(
         self, inputs: InputsType, attention_mask: MaskType = None, latents: Tensor | None = None, **kwargs
     ) -> PerceiverModelOutput:
-        """The encoder's output (final latents) for `inputs`."""
+        """The encoder's output (final latents) for `inputs` (token ids with `config.text_input`)."""
+        if self.input_adapter is not None:
+            inputs = self.input_adapter(inputs)
         return self.perceiver(inputs, attention_mask, latents, return_dict=True, **kwargs)
 
     @can_return_tuple
     def forward(
         self,
-        inputs: InputsType,
+        inputs: InputsType = None,
         attention_mask: MaskType = None,
         latents: Tensor | None = None,
         labels: Tensor | None = None,
         num_items_in_batch: Tensor | int | None = None,
+        input_ids: Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
         r"""
         Args:
             inputs, attention_mask, latents: as in [`PerceiverModel.forward`].
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Token ids, with `config.text_input` (the same as passing them as `inputs`).
             labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor`, *optional*):
                 Class ids (single-label, -100 ignored), float multi-hot `(batch_size, num_labels)` (multi-label) or
                 float targets `(batch_size, num_labels)` (regression).
@@ -404,6 +454,17 @@ class PerceiverForSequenceClassification(_ClassifierMixin, PerceiverPreTrainedMo
                 exact under gradient accumulation.
             output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
         """
+        if input_ids is not None:
+            if self.input_adapter is None:
+                raise ValueError(
+                    "`input_ids` needs a model that embeds token ids (`config.text_input=True`); this one reads raw "
+                    "features: pass them as `inputs`."
+                )
+            if inputs is not None:
+                raise ValueError("Pass the token ids once: as `input_ids` or as `inputs`, not both.")
+            inputs = input_ids
+        if inputs is None:
+            raise ValueError(f"{type(self).__name__} needs `{self.main_input_name}`.")
         enc = self.forward_features(inputs, attention_mask, latents, **kwargs)
         return self._classify(enc, labels, num_items_in_batch, SequenceClassifierOutput)
 
@@ -422,12 +483,14 @@ class PerceiverForImageClassification(_ClassifierMixin, PerceiverPreTrainedModel
     accepts_loss_kwargs = True
     _hub_auto_class = "AutoModelForImageClassification"
     _hub_pipeline_tag = "image-classification"
-    _hub_card_fields = ("num_channels", "image_size", "patch_size", "num_fourier_bands", "pooling", "num_labels",
+    _hub_card_fields = ("image_adapter", "num_channels", "image_size", "patch_size", "num_fourier_bands", "pooling",
+                        "num_labels",
                         "problem_type")
 
     def __init__(self, config: PerceiverConfig):
         super().__init__(config)
-        width = _pin_adapter_width(config, type(self).__name__)
+        fixed = None if config.image_adapter == "linear" else image_adapter_width(config)
+        width = _pin_adapter_width(config, type(self).__name__, fixed)
         self.num_labels = config.num_labels
         self.input_adapter = PerceiverImageAdapter(config, width)
         self.perceiver = PerceiverModel(config, input_dims=config.input_dims)
@@ -529,7 +592,7 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         self.input_adapter = PerceiverTextAdapter(config, width)
         self.perceiver = PerceiverModel(config, input_dims=config.input_dims)
         self.decoder = PerceiverDecoder(config, num_queries=config.max_position_embeddings)
-        self.lm_norm = nn.LayerNorm(out_width, eps=config.layer_norm_eps)
+        self.lm_norm = output_norm(config, out_width)
         self.lm_head = nn.Linear(out_width, config.vocab_size)
         self.post_init()
 
@@ -591,6 +654,66 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=io.hidden_states, attentions=io.attentions)
 
 
+class PerceiverForOpticalFlow(PerceiverPreTrainedModel):
+    r"""
+    Perceiver IO optical flow: every pixel of a frame pair is a token ([`PerceiverFlowAdapter`]: the frames' values
+    stacked per pixel, projected, with 2-D Fourier positions), the latents encode them, and the same tokens are the
+    decoder's queries, one per pixel, decoded to 2 channels and divided by `config.flow_rescale_factor`: dense
+    per-pixel output from a fixed-size latent array, the Perceiver IO showcase. transformers'
+    `PerceiverForOpticalFlow` checkpoints (`deepmind/optical-flow-perceiver`) load into it.
+
+    `labels` (flow in pixels) give the average end-point error as the loss.
+    """
+
+    main_input_name = "pixel_values"
+    _hub_card_fields = ("num_channels", "num_frames", "image_embed_dim", "num_fourier_bands", "fourier_max_resolution",
+                        "flow_rescale_factor")
+
+    def __init__(self, config: PerceiverConfig):
+        super().__init__(config)
+        self.input_adapter = PerceiverFlowAdapter(config)
+        width = _pin_adapter_width(config, type(self).__name__, self.input_adapter.width)
+        # The queries are the input tokens themselves.
+        if config.query_dim not in (None, width):
+            raise ValueError(
+                f"PerceiverForOpticalFlow decodes at its input tokens, of width {width}: `query_dim` must be unset or "
+                f"{width}, got {config.query_dim}."
+            )
+        config.query_dim = width
+        if config.output_dim is None:
+            config.output_dim = 2
+        self.perceiver = PerceiverModel(config, input_dims=config.input_dims)
+        self.decoder = PerceiverDecoder(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: Tensor,
+        labels: Tensor | None = None,
+        latents: Tensor | None = None,
+        **kwargs,
+    ) -> PerceiverIOOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
+                The frames (for transformers' checkpoints: 2 frames of 3x3 patches of RGB, 27 channels, as its
+                processing examples extract them).
+            labels (`torch.FloatTensor` of shape `(batch_size, height, width, 2)`, *optional*):
+                True flow in pixels; the loss is the average end-point error.
+            latents, output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
+
+        Returns:
+            [`PerceiverIOOutput`] whose `logits` are the flow `(batch_size, height, width, 2)` in pixels.
+        """
+        tokens = self.input_adapter(pixel_values)
+        out = encode_decode(self.perceiver, self.decoder, tokens, None, queries=tokens, latents=latents, **kwargs)
+        out.logits = (out.logits / self.config.flow_rescale_factor).unflatten(1, tuple(pixel_values.shape[-2:]))
+        if labels is not None:
+            out.loss = flow_endpoint_error(out.logits, labels)
+        return out
+
+
 __all__ = [
     "PerceiverPreTrainedModel",
     "PerceiverModel",
@@ -601,4 +724,5 @@ __all__ = [
     "PerceiverForSequenceClassification",
     "PerceiverForImageClassification",
     "PerceiverForMaskedLM",
+    "PerceiverForOpticalFlow",
 ]

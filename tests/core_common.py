@@ -48,6 +48,13 @@ def random_config(seed: int) -> PerceiverConfig:
         weight_tie_layers=(not list_inputs) and rng.random() < 0.5,
         self_per_cross_attn=rng.choice([1, 2]),
         num_zero_tokens=rng.choice([None, 1, 3]),
+        # transformers-Perceiver-style wiring: other value widths, no query residual, a repeated latent stack,
+        # per-role MLP widths.
+        cross_v_head_dim=rng.choice([None, 4, 12]),
+        latent_v_head_dim=rng.choice([None, 4, 16]),
+        cross_query_residual=rng.random() < 0.7,
+        latent_stack_repeats=rng.choice([1, 1, 2]),
+        cross_mlp_ratio=rng.choice([None, 1, 2]),
     )
 
 

@@ -37,16 +37,15 @@ def _rotary(x, rot_dim, base):
 
 def reference_attention(block, x, context, mask, rot_dim, base):
     attn = block.attn
-    h, d = attn.num_heads, attn.head_dim
+    h, d, dv = attn.num_heads, attn.head_dim, attn.v_head_dim
     q_in = _ln(x, block.norm1)
     if context is None:
-        qkv = _linear(q_in, attn.qkv_proj).unflatten(-1, (3, h, d))
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        q, k, v = _linear(q_in, attn.qkv_proj).split([h * d, h * d, h * dv], -1)
     else:
         c = _ln(context, block.context_norm) if block.context_norm is not None else context
-        q = _linear(q_in, attn.q_proj).unflatten(-1, (h, d))
-        kv = _linear(c, attn.kv_proj).unflatten(-1, (2, h, d))
-        k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+        q = _linear(q_in, attn.q_proj)
+        k, v = _linear(c, attn.kv_proj).split([h * d, h * dv], -1)
+    q, k, v = q.unflatten(-1, (h, d)), k.unflatten(-1, (h, d)), v.unflatten(-1, (h, dv))
     q, k = _rotary(q, rot_dim, base), _rotary(k, rot_dim, base)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
     if mask is not None:
@@ -58,9 +57,10 @@ def reference_attention(block, x, context, mask, rot_dim, base):
     return _linear(out, attn.o_proj), probs
 
 
-def reference_block(block, x, context=None, mask=None, rot_dim=0, base=10000.0, residual_mlp=True, gated=True, act=F.gelu):
+def reference_block(block, x, context=None, mask=None, rot_dim=0, base=10000.0, residual_mlp=True, gated=True, act=F.gelu,
+                    residual_attn=True):
     a, probs = reference_attention(block, x, context, mask, rot_dim, base)
-    x = x + a
+    x = x + a if residual_attn else a
     hmid = _linear(_ln(x, block.norm2), block.mlp.fc1)
     if gated:
         value, gate = hmid.chunk(2, -1)
@@ -97,11 +97,14 @@ def reference_forward(model, inputs, masks=None, latents=None):
             ctx = torch.cat([z, ctx], 1)
             if mask is not None:
                 mask = torch.cat([torch.ones(batch, z.shape[1], dtype=torch.bool), mask], 1)
-        x, p = reference_block(enc.cross_layers[b], x, ctx, mask, cfg.cross_rotary_emb_dim, **kw)
+        x, p = reference_block(
+            enc.cross_layers[b], x, ctx, mask, cfg.cross_rotary_emb_dim, residual_attn=cfg.cross_query_residual, **kw
+        )
         hidden.append(x)
         maps.append(p)
-        for layer in enc.self_layers[b]:
-            x, p = reference_block(layer, x, None, None, cfg.latent_rotary_emb_dim, **kw)
-            hidden.append(x)
-            maps.append(p)
+        for _ in range(cfg.latent_stack_repeats):
+            for layer in enc.self_layers[b]:
+                x, p = reference_block(layer, x, None, None, cfg.latent_rotary_emb_dim, **kw)
+                hidden.append(x)
+                maps.append(p)
     return x, hidden, maps

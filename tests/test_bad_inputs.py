@@ -16,6 +16,7 @@ import torch
 from hf_flash_perceiver import (
     PerceiverConfig,
     PerceiverForImageClassification,
+    PerceiverForOpticalFlow,
     PerceiverForSequenceClassification,
     PerceiverModel,
 )
@@ -60,6 +61,21 @@ REFUSED = {
     "varlen with attention dropout, at build": (
         lambda: PerceiverModel._from_config(small(cross_attn_dropout=0.1), attn_implementation="varlen"),
         ValueError, r"'varlen' has no attention dropout.*cross_attn_dropout"),
+    "input_ids for a raw-feature classifier": (
+        lambda: PerceiverForSequenceClassification(small(num_labels=2))(input_ids=torch.ones(2, 5, dtype=torch.long)),
+        ValueError, r"`input_ids` needs a model that embeds token ids \(`config.text_input=True`\)"),
+    "token ids twice": (
+        lambda: PerceiverForSequenceClassification(small(input_dim=None, num_labels=2, text_input=True))(
+            torch.ones(2, 5, dtype=torch.long), input_ids=torch.ones(2, 5, dtype=torch.long)),
+        ValueError, r"once: as `input_ids` or as `inputs`"),
+    "flow labels of another shape": (
+        lambda: PerceiverForOpticalFlow(small(input_dim=None, num_channels=2, num_fourier_bands=2,
+                                              image_embed_dim=8))(torch.randn(1, 2, 2, 4, 5), labels=torch.zeros(1, 4, 5)),
+        ValueError, r"Flow `labels` must have the prediction's shape \(batch, height, width, 2\)"),
+    "adapter width unlike input_dim": (
+        lambda: PerceiverForImageClassification(small(input_dim=12, image_adapter="pixels", num_fourier_bands=2,
+                                                      num_labels=2)),
+        ValueError, r"tokens of width 13, but the config sets `input_dim=12`"),
     "varlen with attention dropout, chosen later": (
         lambda: PerceiverModel(small(latent_attn_dropout=0.1)).set_attn_implementation("varlen"),
         ValueError, r"'varlen' has no attention dropout.*latent_attn_dropout"),
@@ -86,6 +102,15 @@ CONFIGS = {
     "unknown pooling": (dict(pooling="max"), TypeError, r"pooling"),
     "latent_drop keeps none": (dict(latent_drop=0.9, num_latents=8), ValueError, r"keeps no latent"),
     "odd rotary": (dict(cross_rotary_emb_dim=3), ValueError, r"even"),
+    "zero latent_stack_repeats": (dict(latent_stack_repeats=0), ValueError, r"latent_stack_repeats.*positive"),
+    "zero value width": (dict(cross_v_head_dim=0), ValueError, r"cross_v_head_dim.*positive"),
+    "zero-width cross MLP": (dict(cross_mlp_ratio=0.01), ValueError, r"cross_mlp_ratio=0.01.*zero-width MLP"),
+    "unknown image adapter": (dict(image_adapter="vit"), TypeError, r"image_adapter"),
+    "pixels without Fourier positions": (dict(image_adapter="pixels", num_fourier_bands=0), ValueError,
+                                         r"image_adapter='pixels'.*num_fourier_bands"),
+    "patches with a conv adapter": (dict(image_adapter="conv", patch_size=4), ValueError,
+                                    r"patch_size` applies to `image_adapter='linear'` only"),
+    "bad fourier_max_resolution": (dict(fourier_max_resolution=[0, 8]), ValueError, r"fourier_max_resolution"),
 }
 
 
@@ -131,12 +156,14 @@ def test_head_loss_without_labelled_items_is_zero():
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def test_transformers_format_checkpoint_is_refused_not_loaded_randomly(tmp_path):
+def test_transformers_format_checkpoint_without_architecture_is_refused_not_loaded_randomly(tmp_path):
+    # transformers-format checkpoints are converted on load (tests/test_transformers_checkpoints.py); one whose
+    # config does not say which transformers class saved it cannot be mapped, and must not load as a random model.
     from transformers import PerceiverConfig as TransformersPerceiverConfig
 
     TransformersPerceiverConfig(num_latents=4, d_latents=16, d_model=8).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "perceiver"
-    with pytest.raises(ValueError, match=r"model_type 'perceiver'.*not an hf-flash-perceiver checkpoint"):
+    with pytest.raises(ValueError, match=r"architectures"):
         PerceiverModel.from_pretrained(tmp_path)
 
 

@@ -297,3 +297,18 @@ def test_multi_gpu_smoke_on_cpu_processes(tmp_path):
     assert all(r["seconds"] > 0 and r["tokens_per_rank"] == 256 // r["world"] for r in records
                if r["mode"] == "context_parallel")
     assert records[2]["scaling_vs_1"] == pytest.approx(records[2]["samples_per_s"] / records[0]["samples_per_s"])
+
+
+def test_pretrained_shapes_smoke(tmp_path):
+    # transformers' class and this package's, converted from it, side by side on tiny shapes: one JSON, both timed.
+    pretrained = _load("pretrained_shapes")
+    payload = pretrained.main(["--smoke", "--out-dir", str(tmp_path), "--iters", "1", "--warmup", "0"])
+    assert [r["shape"] for r in payload["records"]] == ["vision-learned", "language"]
+    for record in payload["records"]:
+        for impl in ("transformers", "hf-flash-perceiver"):
+            assert record[impl]["train_ms"] > 0 and record[impl]["infer_ms"] > 0
+            assert record[impl]["train_peak_gib"] is None  # no allocator peak off the GPU
+        assert record["train_speedup"] == pytest.approx(
+            record["transformers"]["train_ms"] / record["hf-flash-perceiver"]["train_ms"])
+    (written,) = tmp_path.glob("*-cpu-pretrained-shapes-smoke.json")
+    assert json.loads(written.read_text())["records"] == payload["records"]

@@ -87,3 +87,52 @@ def test_only_the_encoder_cross_attention_is_chunked():
     regular.load_state_dict(io.state_dict())
     x, q = torch.randn(2, 7, cfg.input_dim), torch.randn(5, 8)
     torch.testing.assert_close(io(x, queries=q).logits, regular(x, queries=q).logits, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "heads, dk, dv, norm, bias",
+    [(1, 32, 32, True, True), (2, 16, 24, True, False), (3, 8, 40, False, True)],
+)
+def test_absorbed_projection_equals_projected_keys(heads, dk, dv, norm, bias):
+    # The wide-head path attends to the input itself with the key/value projection moved onto queries and output
+    # (exact in real arithmetic); here against projected keys/values through the eager reference, values and
+    # gradients, with padding and a sample without any valid key. fp32: only rounding differs.
+    from hf_flash_perceiver.attention_backends import KeyPaddingMask, attention
+    from hf_flash_perceiver.cross_attention import CrossInput
+
+    cfg = small_config(depth=1, cross_heads=heads, cross_head_dim=dk, cross_v_head_dim=dv, cross_input_norm=norm,
+                       cross_qkv_bias=bias)
+    attn = build(cfg, "sdpa").encoder.cross_layers[0].attn
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(3, 40, cfg.input_dim, generator=g, requires_grad=True)
+    latents = torch.randn(3, 5, cfg.latent_dim, generator=g)
+    mask = torch.rand(3, 40, generator=g) < 0.7
+    mask[0, 0], mask[2] = True, False
+
+    def run(absorbed: bool):
+        attn.zero_grad()
+        context = CrossInput(x, KeyPaddingMask.from_mask(mask))
+        (query,) = attn._heads(attn.q_proj(latents), dk)
+        if absorbed:
+            out = attn.absorbed_attention(query, context)
+        else:
+            key, value = attn.project_context(context)
+            out, _ = attention(query, key, value, context.mask, implementation="eager")
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+        if norm:
+            grads["norm"] = attn.input_norm.weight.grad.clone()
+        grads["<input>"] = x.grad.clone()
+        x.grad = None
+        if norm:
+            attn.input_norm.weight.grad = None
+        return out.detach(), grads
+
+    out, grads = run(True)
+    ref, ref_grads = run(False)
+    assert out.shape == (3, 5, heads, dv)
+    torch.testing.assert_close(out, ref, rtol=FP32_TOL, atol=FP32_TOL)
+    assert torch.all(out[2] == 0)  # no valid key: no contribution, exactly
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)

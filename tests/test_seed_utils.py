@@ -50,13 +50,12 @@ def test_meshgrid():
         utils.meshgrid(0, 2)
 
 
-def test_one_point_axis_legacy_grid_vs_core_grid():
-    # The legacy grid is the seed's `torch.linspace(-1, 1, n)`: a one-point axis sits at -1. The core image grid
-    # centres it at 0. Longer axes are the same linspace in both.
+def test_one_point_axis_legacy_grid_and_core_grid():
+    # Both grids are the seed's (and transformers') `torch.linspace(-1, 1, n)`: a one-point axis sits at -1.
     legacy = utils.meshgrid(1, 3)
     assert torch.equal(legacy[..., 0], torch.full((1, 3), -1.0))
     core_positions = fourier_position_features((1, 3), num_bands=2)[:, :2]  # the positions come first
-    assert torch.equal(core_positions[:, 0], torch.zeros(3))
+    assert torch.equal(core_positions[:, 0], torch.full((3,), -1.0))
     assert torch.equal(core_positions[:, 1], legacy[0, :, 1])
     assert torch.equal(legacy[0, :, 1], torch.tensor([-1.0, 0.0, 1.0]))
 

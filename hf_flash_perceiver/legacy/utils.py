@@ -40,8 +40,7 @@ def meshgrid(*size: int, batch_size: int | None = None) -> Tensor:
     """Coordinates of a regular grid in `[-1, 1]^d`, as flash-perceiver 0.2.0 computed them.
 
     Each axis is `torch.linspace(-1, 1, n)`, the seed's code, so a one-point axis sits at -1 (seed checkpoints were
-    trained on that). [`fourier_position_features`] (the core image adapter's grid) puts a one-point axis at 0, the
-    centre; the two agree for every axis of two or more points.
+    trained on that), as in the core image adapter's grid ([`fourier_position_features`]).
 
     Args:
         size (`int`...): points per axis, e.g. `meshgrid(h, w)`.

@@ -1,0 +1,177 @@
+"""This package against transformers' own Perceiver classes at the shapes of the pretrained checkpoints, on the same
+weights: transformers' model is built (random init) at the checkpoint's config, saved, and loaded into this package's
+class through `from_pretrained` (the transformers-format conversion), so both run identical parameters.
+
+    python benchmarks/pretrained_shapes.py                # both shapes on the GPU, batch 16
+    python benchmarks/pretrained_shapes.py --smoke        # the same code on CPU at tiny shapes (no timing meaning)
+
+Shapes (transformers' defaults / the Hub configs): `vision-learned` = deepmind/vision-perceiver-learned (224x224
+pixels -> 50 176 inputs of width 512 through a 1x1 conv + learned positions, 512 latents x 1024, one cross-attention
+with one 512-wide head, 8 x 6 self-attentions with shared weights, a 1024-wide single-head query decoder);
+`language` = deepmind/language-perceiver (2 048 bytes, 256 latents x 1280, 26 self-attentions, the 2 048-query
+masked-LM decoder). The checkpoints' own attention dropout (0.1) is kept: this is what fine-tuning runs.
+
+Each record: a bf16-autocast training step (fp32 weights; zero_grad, forward with labels, the model's own loss,
+backward; no optimizer step) and an inference forward (no_grad), medians of `--iters` after `--warmup`, CUDA events,
+with the peak memory of the training steps, side by side in one process. Results go to
+`<out-dir>/<YYYY-MM-DD>-<card>-pretrained-shapes.json` (`--out-dir` defaults to `benchmarks/results/` on a GPU run,
+a temporary folder for `--smoke`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run import RESULTS_DIR, card_name, slugify, write_json  # noqa: E402
+
+
+GIB = 2**30
+
+
+def shapes(smoke: bool) -> dict:
+    from transformers import PerceiverConfig
+
+    if smoke:
+        vision = PerceiverConfig(num_latents=8, d_latents=32, num_blocks=2, num_self_attends_per_block=2,
+                                 num_self_attention_heads=4, num_cross_attention_heads=1, image_size=8, num_labels=10)
+        language = PerceiverConfig(num_latents=8, d_latents=40, d_model=24, num_blocks=1, num_self_attends_per_block=2,
+                                   num_self_attention_heads=4, num_cross_attention_heads=4, max_position_embeddings=32)
+        return {"vision-learned": (vision, 8), "language": (language, 32)}
+    # The Hub checkpoints' configs: vision-perceiver-learned sets these; language-perceiver is transformers' default.
+    vision = PerceiverConfig(num_latents=512, d_latents=1024, num_blocks=8, num_self_attends_per_block=6,
+                             num_self_attention_heads=8, num_cross_attention_heads=1, image_size=224, num_labels=1000)
+    return {"vision-learned": (vision, 224), "language": (PerceiverConfig(), 2048)}
+
+
+def build_pair(name: str, config, workdir: Path):
+    import transformers
+
+    import hf_flash_perceiver as hfp
+
+    theirs_cls, ours_cls = {
+        "vision-learned": (transformers.PerceiverForImageClassificationLearned, hfp.PerceiverForImageClassification),
+        "language": (transformers.PerceiverForMaskedLM, hfp.PerceiverForMaskedLM),
+    }[name]
+    torch.manual_seed(0)
+    theirs = theirs_cls(config)
+    theirs.save_pretrained(workdir / name)
+    ours = ours_cls.from_pretrained(workdir / name)
+    return theirs, ours
+
+
+def batch_for(name: str, size: int, batch: int, config, device) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(1)
+    if name == "vision-learned":
+        pixels = torch.randn(batch, 3, size, size, generator=g).to(device)
+        labels = torch.randint(0, config.num_labels, (batch,), generator=g).to(device)
+        return dict(inputs=pixels, labels=labels), dict(pixel_values=pixels, labels=labels)
+    ids = torch.randint(0, config.vocab_size, (batch, size), generator=g).to(device)
+    return dict(input_ids=ids, labels=ids), dict(input_ids=ids, labels=ids)
+
+
+def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
+    use_cuda = device.type == "cuda"
+    no_labels = {k: v for k, v in kwargs.items() if k != "labels"}
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16):
+            loss = model(**kwargs).loss
+        loss.backward()
+
+    def infer():
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+            model(**no_labels)
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if use_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    model.train()
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    train_ms = timed(train)
+    peak = torch.cuda.max_memory_allocated() / GIB if use_cuda else None
+    model.eval()
+    return {"train_ms": train_ms, "train_peak_gib": peak, "infer_ms": timed(infer)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the harness)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (16; 2 with --smoke)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--shapes", default="vision-learned,language")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --smoke)")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    batch = args.batch or (2 if args.smoke else 16)
+    card = card_name(device)
+    out_dir = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="pretrained-")) if args.smoke
+                                                       else RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{datetime.date.today().isoformat()}-{slugify(card)}-pretrained-shapes{'-smoke' if args.smoke else ''}.json"
+    payload = {"card": card, "torch": torch.__version__, "batch": batch, "records": []}
+    import transformers
+
+    payload["transformers"] = transformers.__version__
+    workdir = Path(tempfile.mkdtemp(prefix="pretrained-weights-"))
+    for name, (config, size) in shapes(args.smoke).items():
+        if name not in args.shapes.split(","):
+            continue
+        theirs, ours = build_pair(name, config, workdir)
+        kw_theirs, kw_ours = batch_for(name, size, batch, config, device)
+        record = {"shape": name, "input_size": size,
+                  "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
+        for impl, model, kwargs in (("transformers", theirs, kw_theirs), ("hf-flash-perceiver", ours, kw_ours)):
+            model.to(device)
+            record[impl] = measure(model, kwargs, device, args.warmup, args.iters)
+            model.to("cpu")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        ref, new = record["transformers"], record["hf-flash-perceiver"]
+        record["train_speedup"] = ref["train_ms"] / new["train_ms"]
+        record["infer_speedup"] = ref["infer_ms"] / new["infer_ms"]
+        if new["train_peak_gib"]:
+            record["train_memory_ratio"] = ref["train_peak_gib"] / new["train_peak_gib"]
+        payload["records"].append(record)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}, flush=True)
+        write_json(path, payload)
+        del theirs, ours
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
