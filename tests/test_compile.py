@@ -65,6 +65,15 @@ def test_compile_fullgraph_with_cross_attention_checkpointing():
     check_compiled_matches_eager(tiny_config(cross_attention_checkpointing=True))
 
 
+def test_compile_fullgraph_with_transformers_perceiver_wiring():
+    # The options transformers' pretrained Perceivers load into: value widths unlike the query/key widths, no query
+    # residual, a repeated latent stack, per-role non-gated MLPs, chunked cross-attention with those value widths.
+    wiring = dict(cross_v_head_dim=12, latent_v_head_dim=4, cross_query_residual=False, latent_stack_repeats=2,
+                  gated_mlp=False, cross_mlp_ratio=1, cross_qkv_bias=True, latent_qkv_bias=True)
+    check_compiled_matches_eager(tiny_config(**wiring))
+    check_compiled_matches_eager(tiny_config(cross_attention_checkpointing=True, **wiring))
+
+
 def test_trainer_torch_compile(tmp_path):
     """`Trainer(torch_compile=True)` trains a head: the loss is finite and falls, and the compiled graph is in use."""
     from transformers import Trainer

@@ -2,11 +2,8 @@
 `utils.encodings`, `adapters`) and the checkpoint converter, all on top of the core models of this package.
 
 The core package never imports from here; this subpackage only depends on it. The package `__init__` re-exports the
-seed API with one line:
-
-```python
-from .legacy import Perceiver, PerceiverIO, adapters, convert_flash_perceiver_checkpoint, encodings, utils
-```
+seed API (`Perceiver`, `PerceiverIO`, `adapters`, `convert_flash_perceiver_checkpoint`, `encodings`, `utils`) lazily:
+this subpackage is imported when one of those names, or one of the former paths below, is first used.
 
 Importing this subpackage also registers the module paths of the former flat layout (`hf_flash_perceiver.utils`,
 `hf_flash_perceiver.utils.encodings`, `hf_flash_perceiver.adapters`, `hf_flash_perceiver.encodings`,
