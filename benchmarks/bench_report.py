@@ -42,7 +42,7 @@ def load(path: str | Path) -> dict:
 
 
 # Results of the other scripts (long_inputs.py, multi_gpu.py) share the folder but not the schema.
-OTHER_RESULTS = ("-long-inputs", "-multi-gpu", "-pretrained-shapes")
+OTHER_RESULTS = ("-long-inputs", "-multi-gpu", "-pretrained-shapes", "-trainer")
 
 
 def newest_results(results_dir: str | Path) -> Path:

@@ -312,3 +312,15 @@ def test_pretrained_shapes_smoke(tmp_path):
             record["transformers"]["train_ms"] / record["hf-flash-perceiver"]["train_ms"])
     (written,) = tmp_path.glob("*-cpu-pretrained-shapes-smoke.json")
     assert json.loads(written.read_text())["records"] == payload["records"]
+
+
+def test_trainer_throughput_smoke(tmp_path):
+    # Trainer.train itself (optimizer, clipping, dataloader) timed over the steps after warm-up, one JSON.
+    trainer = _load("trainer_throughput")
+    payload = trainer.main(["--smoke", "--out-dir", str(tmp_path)])
+    (record,) = payload["records"]
+    assert record["impl"] == "eager" and record["steps_timed"] == 2 and record["samples_per_s"] > 0
+    assert record["step_ms"] == pytest.approx(record["batch"] / record["samples_per_s"] * 1e3)
+    assert record["vs_eager"] == 1.0 and record["peak_gib"] is None
+    (written,) = tmp_path.glob("*-cpu-trainer-smoke.json")
+    assert json.loads(written.read_text())["records"] == payload["records"]
