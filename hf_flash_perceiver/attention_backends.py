@@ -113,12 +113,12 @@ def fused_kernels_fit(query: Tensor, value: Tensor | None = None) -> bool:
 FUSED_MAX_HEAD_DIM = 256
 
 
-def is_wide_head(query: Tensor, value: Tensor) -> bool:
+def is_wide_head(query: Tensor, v_head_dim: int) -> bool:
     """A half-precision CUDA call whose head width no fused kernel takes (over 256, or not a multiple of 8: the
     single 512- to 1280-wide heads and the 261/322-wide ones of transformers' pretrained Perceivers). Left to itself
     SDPA runs those on its memory-efficient kernel, whose backward is very slow at these widths, or on its fp32 math
     path."""
-    widths = (query.shape[-1], value.shape[-1])
+    widths = (query.shape[-1], v_head_dim)
     return (
         query.is_cuda and query.dtype in HALF_DTYPES
         and any(w > FUSED_MAX_HEAD_DIM or w % 8 for w in widths)
@@ -339,7 +339,7 @@ def attention(
         scale = 1.0 / math.sqrt(query.shape[-1])
     if output_attentions:
         implementation = "eager"
-    elif is_wide_head(query, value):
+    elif is_wide_head(query, value.shape[-1]):
         # No fused kernel of any backend takes this head width.
         return gemm_attention(query, key, value, mask, scale=scale, dropout=dropout), None
     qk_dim, v_dim = query.shape[-1], value.shape[-1]

@@ -265,8 +265,7 @@ class PerceiverCrossAttention(PerceiverAttention):
         if (self.config._attn_implementation or "sdpa") == "eager":
             return False
         width = self.spec.kv_dim
-        probe = query.new_empty((0, self.v_head_dim))
-        if not is_wide_head(query, probe):
+        if not is_wide_head(query, self.v_head_dim):
             return False
         heads, dk, dv, n_q = self.num_heads, self.head_dim, self.v_head_dim, query.shape[1]
         n_kv = context.tokens.shape[1]

@@ -154,11 +154,11 @@ class PerceiverPreTrainedModel(PerceiverHubMixin, PreTrainedModel):
         - a truncated or corrupt weights file is reported by name (safetensors' own error does not say which file
           it was reading).
         """
-        if not isinstance(kwargs.get("config"), PerceiverConfig) and not args:
+        if not isinstance(kwargs.get("config"), PerceiverConfig):
             if _source_model_type(pretrained_model_name_or_path, kwargs) == "perceiver":
                 from .transformers_conversion import load_transformers_checkpoint
 
-                return load_transformers_checkpoint(cls, pretrained_model_name_or_path, **kwargs)
+                return load_transformers_checkpoint(cls, pretrained_model_name_or_path, *args, **kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
