@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run import RESULTS_DIR, card_name, slugify, write_json  # noqa: E402
+from run import RESULTS_DIR, card_name, slugify, step_stats, write_json  # noqa: E402
 
 
 GIB = 2**30
@@ -119,8 +119,9 @@ def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     train_ms = timed(train)
     peak = torch.cuda.max_memory_allocated() / GIB if use_cuda else None
+    train_stats = {f"train_{k}": v for k, v in step_stats(train, device, iters).items()}
     model.eval()
-    return {"train_ms": train_ms, "train_peak_gib": peak, "infer_ms": timed(infer)}
+    return {"train_ms": train_ms, "train_peak_gib": peak, **train_stats, "infer_ms": timed(infer)}
 
 
 def main(argv: list[str] | None = None) -> dict:

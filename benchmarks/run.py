@@ -217,6 +217,44 @@ def time_steps(step: Callable[[], None], device: torch.device, iters: int) -> li
     return times
 
 
+def step_stats(step: Callable[[], None], device: torch.device, iters: int, profiled: int = 3) -> dict:
+    """Where a step's time goes: `wall_ms`, the median wall time of one step run alone (synchronised before and
+    after); `host_ms`, the median time the host takes to issue it (the queue drained first: above `device_ms` the
+    step is host-bound); and, on a GPU, from `profiled` steps under torch.profiler, `kernels_per_step` (every device
+    activity: kernels, memcpy, memset) and `device_ms`, the time per step during which at least one of them runs."""
+    wall, host = [], []
+    for _ in range(iters):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        synchronize(device)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        host.append((t1 - t0) * 1e3)
+    stats = {"wall_ms": statistics.median(wall), "host_ms": statistics.median(host),
+             "kernels_per_step": None, "device_ms": None}
+    if device.type != "cuda":
+        return stats
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(profiled):
+            step()
+        synchronize(device)
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:  # the union of the activity intervals
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    stats["kernels_per_step"] = len(spans) / profiled
+    stats["device_ms"] = busy / 1e3 / profiled
+    return stats
+
+
 def count_train_flops(model: nn.Module, x: Tensor, mask: Tensor | None) -> int:
     with FlopCounterMode(display=False) as counter:
         train_step(model, x, mask)
@@ -288,6 +326,7 @@ def measure(ctx: Context, job: Job, record: dict) -> None:
     record["tflops_per_s"] = flops / (ms / 1e3) / 1e12
     # MFU only against a measured GPU bf16 ceiling: a CPU's "bf16 matmul" is no peak (tiny models exceeded it).
     record["mfu"] = record["tflops_per_s"] / ctx.matmul_tflops if ctx.matmul_tflops is not None else None
+    record.update(step_stats(step, device, args.iters))
     record["ms"] = ms  # last: a record with `ms` is a complete measurement
 
 
@@ -582,6 +621,11 @@ def notes_for(ctx: Context) -> list[str]:
         f"mfu: tflops_per_s / matmul_tflops, the bf16 {args.matmul_size}^3 matmul TFLOP/s measured in this run "
         "(median of 10); null off the GPU, where no bf16 peak is measured."
         if ctx.device.type == "cuda" else "mfu and matmul_tflops: null off the GPU (no meaningful bf16 peak).",
+        f"wall_ms / host_ms / kernels_per_step / device_ms: after the timed steps, {args.iters} steps each run alone "
+        "(synchronised before and after): wall_ms is the median wall time of one, host_ms the median time the host "
+        "takes to issue it (host-bound when above device_ms); kernels_per_step counts every device activity "
+        "(kernels, memcpy, memset) and device_ms the time at least one of them runs, per step, over 3 steps under "
+        "torch.profiler. The last two are null off the GPU.",
         "speedup (plot.py/report): peer ms / impl ms at the same config, n, batch and masking (= throughput ratio).",
         "perceiver-pytorch: Perceiver(input_axis=1, fourier_encode_data=False, final_classifier_head=False) so it "
         "returns the final latents like our PerceiverModel; same depth, widths, heads and GEGLU MLP (ratio 4).",

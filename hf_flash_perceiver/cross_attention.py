@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .attention_backends import KeyPaddingMask, fused_kernels_fit
 from .context_parallel import SequenceShard, merge_partials, sum_over_ranks
+from .fused_norm import layer_norm
 
 
 @dataclass
@@ -46,20 +47,13 @@ class CrossInput:
         Kept in the autocast dtype when autocast is on: it is what the key/value projection consumes."""
         tokens = self.norm_cache.get(eps)
         if tokens is None:
-            tokens = self.norm_cache[eps] = _affine_free_norm(self.tokens, eps)
+            tokens = self.norm_cache[eps] = layer_norm(self.tokens, None, None, eps)
         if self.prefix is None:
             return tokens
-        return torch.cat([_affine_free_norm(self.prefix, eps), tokens], dim=1)
+        return torch.cat([layer_norm(self.prefix, None, None, eps), tokens], dim=1)
 
     def materialize(self) -> Tensor:
         return self.tokens if self.prefix is None else torch.cat([self.prefix, self.tokens], dim=1)
-
-
-def _affine_free_norm(x: Tensor, eps: float) -> Tensor:
-    y = F.layer_norm(x, (x.shape[-1],), None, None, eps)
-    if torch.is_autocast_enabled(x.device.type):
-        y = y.to(torch.get_autocast_dtype(x.device.type))
-    return y
 
 
 def fold_norm_affine(

@@ -12,6 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .attention_backends import KeyPaddingMask, attention, is_wide_head
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
+from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -72,6 +73,7 @@ class PerceiverMLP(nn.Module):
         else:
             hidden = config.mlp_hidden_size or int(round(dim * config.mlp_ratio))
         self.gated = config.gated_mlp
+        self.gate_activation_name = config.mlp_gate_activation
         self.gate_activation = _GATE_ACTIVATIONS[config.mlp_gate_activation]
         self.fc1 = nn.Linear(dim, 2 * hidden if self.gated else hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -361,10 +363,17 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self-attention. Returns `(hidden_states, attention weights or None)`."""
         if isinstance(context, Tensor):
             context = CrossInput(context)
-        if context is None:
-            attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
+        # On CUDA in half precision each residual branch may run as one fused autograd node (fused_block.py).
+        fused = fused_dtype(hidden_states)
+        if context is None and fused is not None and self_attention_fits(self.attn, kwargs.get("output_attentions")):
+            hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
         else:
-            attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
-        hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
+            if context is None:
+                attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
+            else:
+                attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
+            hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
+        if fused is not None and mlp_fits(self.mlp):
+            return mlp_branch(self.norm2, self.mlp, hidden_states, fused, self.mlp_residual), weights
         mlp_out = self.mlp(self.norm2(hidden_states))
         return (hidden_states + mlp_out if self.mlp_residual else mlp_out), weights

@@ -432,3 +432,48 @@ def test_dict_inputs_need_names_and_known_mask_keys(model):
         model(inputs, [None, None])
     with pytest.raises(TypeError, match="must be a tensor when `inputs` is a tensor"):
         build(small_config())(torch.randn(2, 4, 12), [None, None])
+
+
+def test_layer_norm_off_cuda_is_pytorch_then_autocast_cast():
+    """Off CUDA the block LayerNorm is PyTorch's, cast to the autocast dtype under autocast (what the next Linear
+    would cast it to); the GPU tests check the Triton kernels against this path."""
+    from hf_flash_perceiver.fused_norm import fused_layer_norm_fits, layer_norm
+
+    x, w, b = torch.randn(2, 5, 16), torch.randn(16), torch.randn(16)
+    assert not fused_layer_norm_fits(x)
+    ref = torch.nn.functional.layer_norm(x, (16,), w, b, 1e-6)
+    y = layer_norm(x, w, b, 1e-6)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer_norm(x, w, b, 1e-6)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref.to(torch.bfloat16))
+
+
+def test_fused_branches_are_gpu_half_precision_only():
+    """The fused residual branches (fused_block.py) never run off CUDA, in fp32, or on wrapped projections; the GPU
+    tests compare them with the module path that runs here."""
+    from hf_flash_perceiver.fused_block import fused_dtype, mlp_fits, self_attention_fits
+
+    model = build(small_config(latent_dim=32, latent_head_dim=8), "sdpa")
+    block = model.encoder.self_layers[0][0]
+    assert fused_dtype(torch.randn(2, 3, 32)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_dtype(torch.randn(2, 3, 32)) is None
+    assert self_attention_fits(block.attn, False) and mlp_fits(block.mlp)
+    assert not self_attention_fits(block.attn, True)  # attention maps: the module path computes them
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    block.mlp.fc1 = Wrapped(32, block.mlp.fc1.out_features)
+    assert not mlp_fits(block.mlp)
+
+
+def test_fused_branches_auto_needs_work_per_launch():
+    """By default ("auto") only branches with at least MIN_WORK = rows x width^2 fuse: below it an eager step is
+    bound by launch overhead and the module path is faster. Checked on the meta device (no GPU needed)."""
+    from hf_flash_perceiver import fused_block
+
+    assert fused_block.enabled == "auto"
+    small, large = torch.empty(128 * 256, 256, device="meta"), torch.empty(64 * 512, 1024, device="meta")
+    assert small.numel() * 256 < fused_block.MIN_WORK <= large.numel() * 1024

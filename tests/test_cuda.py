@@ -279,3 +279,154 @@ def test_wide_and_mixed_width_heads_cuda(impl, qk, v):
 
         ops = _ops(run)
         assert not any("efficient_attention" in op or "_math" in op for op in ops), sorted(ops)
+
+
+# Fused LayerNorm: values within one rounding of the output dtype of the fp32 LayerNorm; gradients computed in fp32
+# from the same output gradient, differing from autograd's fp32 ones only in summation order.
+NORM_GRAD_RTOL = 1e-4
+
+
+@pytest.mark.parametrize("width", [64, 256, 1000, 1280, 3000])
+@pytest.mark.parametrize("case", ["fp32-autocast", "bf16", "fp32", "affine-free-autocast"])
+def test_fused_layer_norm_matches_pytorch(width, case):
+    from hf_flash_perceiver.fused_norm import fused_layer_norm_fits, layer_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(width)
+    in_dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    x = (torch.randn(3, 517, width, device="cuda", generator=gen) * 3 + 1).to(in_dtype).requires_grad_()
+    affine = case != "affine-free-autocast"
+    weight = (torch.randn(width, device="cuda", generator=gen) + 1).requires_grad_() if affine else None
+    bias = torch.randn(width, device="cuda", generator=gen).requires_grad_() if affine else None
+    autocast = case.endswith("autocast")
+    assert fused_layer_norm_fits(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = layer_norm(x, weight, bias, 1e-5)
+    out_dtype = torch.bfloat16 if autocast or case == "bf16" else torch.float32
+    assert y.dtype == out_dtype and y.shape == x.shape
+
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = torch.nn.functional.layer_norm(ref_leaves[0], (width,), *(ref_leaves[1:] if affine else (None, None)), 1e-5)
+    # One rounding to the output dtype apart (fp32 output: summation order only).
+    tol = dict(rtol=2**-7, atol=2**-7) if out_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), ref, **tol)
+
+    dy = torch.randn(x.shape, device="cuda", generator=gen).to(out_dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy.float())
+    for got, want, leaf in zip(grads, ref_grads, leaves):
+        assert got.dtype == leaf.dtype
+        scale = want.abs().max().item()
+        # bf16 input gradients are rounded once more on output.
+        rtol = 2**-7 if got.dtype == torch.bfloat16 else NORM_GRAD_RTOL
+        assert (got.float() - want).abs().max().item() <= rtol * scale, (case, width)
+
+
+# Fused residual branches (fused_block.py) against the module path on the same weights and inputs, both bf16 autocast:
+# each is within ~1e-2 of fp32, so they agree within the bf16 tolerances above.
+FUSED_BLOCK_CASES = [
+    dict(),
+    dict(gated_mlp=False, latent_qkv_bias=True),
+    dict(mlp_gate_activation="silu", mlp_residual=False, latent_head_dim=128, latent_heads=1),
+    dict(mlp_gate_activation="sigmoid", latent_head_dim=32, latent_heads=4, self_per_cross_attn=2),
+]
+
+
+def _kernel_count(fn) -> int:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _fused_block_step(model, x, autocast=True, grad=True):
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
+        out = model(x).last_hidden_state
+    if grad:
+        out.float().square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return out.float(), grads, x.grad
+
+
+@pytest.fixture(autouse=True)
+def _fuse_every_branch():
+    """Tests are small: fuse every branch that fits, not only those with enough work to pay for it ("auto")."""
+    from hf_flash_perceiver import fused_block
+
+    fused_block.enabled = True
+    yield
+    fused_block.enabled = "auto"
+
+
+def _module_path(fn):
+    from hf_flash_perceiver import fused_block
+
+    fused_block.enabled = False
+    try:
+        return fn()
+    finally:
+        fused_block.enabled = True
+
+
+@pytest.mark.parametrize("case", range(len(FUSED_BLOCK_CASES)))
+def test_fused_block_matches_module_path(case):
+    cfg = small_config(**{**dict(latent_dim=128, num_latents=48, cross_head_dim=64, latent_head_dim=64,
+                                 latent_heads=2, input_dim=24), **FUSED_BLOCK_CASES[case]})
+    model = cuda_model(cfg, "sdpa", seed=case).train()
+    x = torch.randn(3, 70, cfg.input_dim, device="cuda", requires_grad=True)
+    ops = _ops(lambda: _fused_block_step(model, x))
+    assert {"_SelfAttentionBranch", "_MLPBranch"} <= ops
+    out, grads, x_grad = _fused_block_step(model, x)
+    # Values and input gradients against the fp32 module path (autocast off), with the bf16 tolerances; two bf16
+    # paths can each be ~1e-2 off it in opposite directions.
+    fp32_out, _, fp32_x_grad = _fused_block_step(model, x, autocast=False)
+    assert rel_err(out, fp32_out) <= BF16_REL_TOL
+    assert rel_err(x_grad, fp32_x_grad) <= BF16_GRAD_REL_TOL
+    # Parameter gradients against the bf16 module path (the same rounding of the forward).
+    ref_out, ref_grads, ref_x_grad = _module_path(lambda: _fused_block_step(model, x))
+    for name, ref in ref_grads.items():
+        assert grads[name].dtype == ref.dtype == torch.float32
+        assert rel_err(grads[name], ref) <= BF16_GRAD_REL_TOL, name
+    # Fewer launches is the point of the fused path.
+    fused_kernels = _kernel_count(lambda: _fused_block_step(model, x))
+    module_kernels = _module_path(lambda: _kernel_count(lambda: _fused_block_step(model, x)))
+    assert fused_kernels < module_kernels, (fused_kernels, module_kernels)
+
+
+def test_fused_block_half_weights_inference_checkpointing_and_frozen():
+    cfg = small_config(latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
+                       input_dim=16)
+    model = cuda_model(cfg, "sdpa").train()
+    x = torch.randn(2, 50, cfg.input_dim, device="cuda", requires_grad=True)
+    # Inference: no graph kept, same values.
+    out, _, _ = _fused_block_step(model.eval(), x, grad=False)
+    ref, _, _ = _module_path(lambda: _fused_block_step(model, x, grad=False))
+    assert rel_err(out, ref) <= BF16_REL_TOL
+    model.train()
+    # Activation checkpointing recomputes the fused branches: the same gradients as without it.
+    out, grads, x_grad = _fused_block_step(model, x)
+    model.gradient_checkpointing_enable()
+    ck_out, ck_grads, ck_x_grad = _fused_block_step(model, x)
+    model.gradient_checkpointing_disable()
+    assert rel_err(ck_out, out) <= 1e-3 and rel_err(ck_x_grad, x_grad) <= 1e-3
+    for name, g in grads.items():
+        assert rel_err(ck_grads[name], g) <= 1e-3, name
+    # Frozen parameters get no gradient; the rest still do.
+    layer = model.encoder.self_layers[0][0]
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    _, grads, _ = _fused_block_step(model, x)
+    assert all(p.grad is None for p in layer.parameters())
+    assert all(g is not None for n, g in grads.items() if "self_layers.0.0." not in n)
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    # Half-precision weights without autocast: the residual stream is bf16 too.
+    model = model.bfloat16()
+    xb = x.detach().bfloat16().requires_grad_()
+    out, grads, x_grad = _fused_block_step(model, xb, autocast=False)
+    ref_out, ref_grads, ref_x_grad = _module_path(lambda: _fused_block_step(model, xb, autocast=False))
+    assert rel_err(out, ref_out) <= BF16_REL_TOL and rel_err(x_grad, ref_x_grad) <= BF16_GRAD_REL_TOL
+    for name, ref in ref_grads.items():
+        assert grads[name].dtype == torch.bfloat16 and rel_err(grads[name], ref) <= BF16_GRAD_REL_TOL, name

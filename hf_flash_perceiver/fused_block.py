@@ -1,0 +1,305 @@
+"""The latent path's two residual branches, each as one autograd node on CUDA in half precision.
+
+`x + Attn(LN(x))` (self-attention) and `x + MLP(LN(x))` run as a short fixed sequence of kernels with a backward
+written out: the LayerNorm and the MLP activation are Triton kernels (the LayerNorm's backward also adds the residual
+gradient), projections are single `addmm`s on weights cast once per call, attention is PyTorch's cuDNN (or
+FlashAttention-2) kernel called directly, and weight and bias gradients come out of the GEMMs and reductions in fp32,
+so no cast kernels follow them. Built module by module, the same branch launches about three times as many kernels,
+each with its own autograd, autocast and Python overhead: that overhead, not the GPU, bounds an eager training step
+of the Perceiver's small latent arrays.
+
+The values are those of the modules under autocast up to rounding order (weight gradients are better: they skip
+the round trip through the half-precision dtype). [`PerceiverBlock`] takes this path only where it computes the
+same function: CUDA, autocast (or half-precision weights), plain `nn.Linear` projections (not PEFT-wrapped ones),
+no attention maps, no rotary, no attention dropout in training, the sdpa/varlen backends, and not under
+`torch.compile` (Inductor fuses the module path itself). Everything else, and every CPU, runs the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention_backends import CUDNN_AVAILABLE
+from .fused_norm import norm_backward, norm_forward, triton
+
+if triton is not None:
+    import triton.language as tl
+
+# "auto": fuse branches with enough work per launch (below); True: every branch that fits; False: the module path
+# everywhere (comparisons in benchmarks and tests).
+enabled: bool | str = "auto"
+
+# A fused branch trades many cheap C++ launches for a few Python-launched ones: it saves device time in proportion to
+# the branch's work (about rows x width^2) but costs a fixed host time. Below this much work per branch an eager step
+# is bound by launch overhead, and the module path is the faster of the two.
+MIN_WORK = 2**32
+
+HALF = (torch.bfloat16, torch.float16)
+_ACTIVATIONS = {"gelu": 0, "silu": 1, "sigmoid": 2}
+
+
+def fused_dtype(x: Tensor) -> torch.dtype | None:
+    """The half-precision dtype a fused branch would compute `x` in, or None when the fused path does not apply
+    (off CUDA, no Triton, fp32 compute, under torch.compile)."""
+    if not enabled or triton is None or not x.is_cuda or torch.compiler.is_compiling():
+        return None
+    if enabled == "auto" and x.numel() * x.shape[-1] < MIN_WORK:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in HALF and x.dtype in (torch.float32, *HALF) else None
+
+
+def _plain(*modules: nn.Module) -> bool:
+    return all(type(m) is nn.Linear for m in modules)
+
+
+def self_attention_fits(attn: nn.Module, output_attentions: bool) -> bool:
+    """Whether a [`PerceiverSelfAttention`] runs fused: see the module docstring."""
+    return (
+        not output_attentions
+        and attn.rotary is None
+        and (attn.spec.dropout == 0 or not attn.training)
+        and (attn.config._attn_implementation or "sdpa") in ("sdpa", "varlen")
+        and attn.head_dim == attn.v_head_dim
+        and attn.head_dim % 8 == 0
+        and attn.head_dim <= 128
+        and _plain(attn.qkv_proj, attn.o_proj)
+    )
+
+
+def mlp_fits(mlp: nn.Module) -> bool:
+    return _plain(mlp.fc1, mlp.fc2)
+
+
+# ---------------------------------------------------------------------------------------------------- projections
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, param: Tensor, want_x: bool, want_w: bool,
+                     want_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """`(dx, d_weight, d_bias)` of `x @ weight.T + bias` from the half-precision `dy`; the parameter gradients in
+    the parameter's dtype (`param`: the fp32 weight), straight from the GEMM / reduction."""
+    dx = torch.mm(dy, weight) if want_x else None
+    dw = db = None
+    if want_w:
+        dw = torch.mm(dy.t(), x, out_dtype=param.dtype) if param.dtype != dy.dtype else torch.mm(dy.t(), x)
+    if want_b:
+        db = dy.sum(0, dtype=param.dtype)
+    return dx, dw, db
+
+
+def _rows(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, tuple]:
+    # cuDNN where available (what SDPA picks on Hopper for these shapes), else FlashAttention-2; both keep the
+    # log-sum-exp for the backward.
+    if CUDNN_AVAILABLE and torch.backends.cuda.cudnn_sdp_enabled():
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+        return res[0], res[1], ("cudnn", *res[2:8])
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    return res[0], res[1], ("flash", *res[2:8])
+
+
+def _attention_backward(dout, q, k, v, out, lse, aux, scale) -> tuple[Tensor, Tensor, Tensor]:
+    kind, cum_q, cum_k, max_q, max_k, seed, offset = aux
+    if kind == "cudnn":
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale
+    )
+
+
+class _SelfAttentionBranch(torch.autograd.Function):
+    """`x + o_proj(attention(qkv_proj(LN(x))))` for `x (batch, len, dim)`."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dtype):
+        batch, length, _ = x.shape
+        x2 = _rows(x)
+        h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
+        w_qkv_c, w_o_c = w_qkv.to(dtype), w_o.to(dtype)
+        qkv = _linear(h, w_qkv_c, _cast(b_qkv, dtype))
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
+        scale = head_dim**-0.5
+        out, lse, aux = _attention_forward(q, k, v, scale)
+        a = out.transpose(1, 2).reshape(batch * length, heads * head_dim)
+        y = torch.add(x2, _linear(a, w_o_c, _cast(b_o, dtype)))
+        ctx.save_for_backward(x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
+        ctx.aux, ctx.scale, ctx.shape = aux, scale, x.shape
+        ctx.has_ln_bias, ctx.has_qkv_bias, ctx.has_o_bias = ln_b is not None, b_qkv is not None, b_o is not None
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        batch, length, _ = ctx.shape
+        heads, head_dim = out.shape[1], out.shape[3]
+        dy2 = _rows(dy)
+        do = dy2.to(w_o_c.dtype)
+        da, dw_o, db_o = _linear_backward(do, a, w_o_c, w_o, True, need[5], need[6] and ctx.has_o_bias)
+        dout = da.view(batch, length, heads, head_dim).transpose(1, 2)
+        if dout.stride() != out.stride():
+            dout = torch.empty_like(out).copy_(dout)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
+        dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)[:3]
+        dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1)
+        dh, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv, True, need[3], need[4] and ctx.has_qkv_bias)
+        dx, d_ln_w, d_ln_b = norm_backward(x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2)
+        return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 4
+
+
+class _MLPBranch(torch.autograd.Function):
+    """`x + fc2(act(fc1(LN(x))))` (without the `x +` when `residual` is off), gated or not."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, dtype):
+        x2 = _rows(x)
+        h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
+        w1_c, w2_c = w1.to(dtype), w2.to(dtype)
+        pre = _linear(h, w1_c, _cast(b1, dtype))
+        act = activation_forward(pre, gate)
+        o = _linear(act, w2_c, _cast(b2, dtype))
+        y = torch.add(x2, o) if residual else o.to(x.dtype)
+        ctx.save_for_backward(x2, ln_w, stats, h, w1_c, pre, act, w2_c, w1, w2)
+        ctx.gate, ctx.residual, ctx.shape = gate, residual, x.shape
+        ctx.has_ln_bias, ctx.has_b1, ctx.has_b2 = ln_b is not None, b1 is not None, b2 is not None
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, ln_w, stats, h, w1_c, pre, act, w2_c, w1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = _rows(dy)
+        do = dy2.to(w2_c.dtype)
+        d_act, dw2, db2 = _linear_backward(do, act, w2_c, w2, True, need[5], need[6] and ctx.has_b2)
+        d_pre = activation_backward(d_act, pre, ctx.gate)
+        dh, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1, True, need[3], need[4] and ctx.has_b1)
+        dx, d_ln_w, d_ln_b = norm_backward(
+            x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2 if ctx.residual else None
+        )
+        return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4
+
+
+def self_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """`x + attn(norm(x))` for a [`PerceiverSelfAttention`] that [`self_attention_fits`]."""
+    return _SelfAttentionBranch.apply(
+        x, norm.weight, norm.bias, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+        norm.eps, attn.num_heads, attn.head_dim, dtype,
+    )
+
+
+def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype, residual: bool) -> Tensor:
+    """`x + mlp(norm(x))` (`mlp(norm(x))` without `residual`) for a [`PerceiverMLP`] that [`mlp_fits`]."""
+    gate = mlp.gate_activation_name if mlp.gated else None
+    return _MLPBranch.apply(
+        x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps, gate,
+        residual, dtype,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- activation
+
+_ACT_BLOCK = 1024
+
+
+def activation_forward(pre: Tensor, gate: str | None) -> Tensor:
+    """`value * act(gate)` of `pre = [value | gate]` (gated), else exact GELU of `pre`."""
+    rows, width = pre.shape
+    hidden = width // 2 if gate is not None else width
+    out = torch.empty((rows, hidden), dtype=pre.dtype, device=pre.device)
+    total = rows * hidden
+    _activation_forward[(triton.cdiv(total, _ACT_BLOCK),)](
+        pre, out, total, hidden, width, GATED=gate is not None, ACT=_ACTIVATIONS[gate or "gelu"], BLOCK=_ACT_BLOCK,
+    )
+    return out
+
+
+def activation_backward(d_out: Tensor, pre: Tensor, gate: str | None) -> Tensor:
+    rows, width = pre.shape
+    hidden = d_out.shape[1]
+    if d_out.stride(-1) != 1 or d_out.stride(0) != hidden:
+        d_out = d_out.contiguous()
+    d_pre = torch.empty_like(pre)
+    total = rows * hidden
+    _activation_backward[(triton.cdiv(total, _ACT_BLOCK),)](
+        d_out, pre, d_pre, total, hidden, width, GATED=gate is not None, ACT=_ACTIVATIONS[gate or "gelu"],
+        BLOCK=_ACT_BLOCK,
+    )
+    return d_pre
+
+
+if triton is not None:
+
+    @triton.jit
+    def _act(x, ACT: tl.constexpr):
+        if ACT == 0:
+            return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+        elif ACT == 1:
+            return x * tl.sigmoid(x)
+        else:
+            return tl.sigmoid(x)
+
+    @triton.jit
+    def _act_grad(x, ACT: tl.constexpr):
+        if ACT == 0:
+            cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+            return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        elif ACT == 1:
+            s = tl.sigmoid(x)
+            return s * (1.0 + x * (1.0 - s))
+        else:
+            s = tl.sigmoid(x)
+            return s * (1.0 - s)
+
+    @triton.jit
+    def _activation_forward(Pre, Out, total, hidden, width, GATED: tl.constexpr, ACT: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < total
+        row = i // hidden
+        col = i % hidden
+        if GATED:
+            value = tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(Pre + row * width + hidden + col, mask=ok, other=0.0).to(tl.float32)
+            y = value * _act(g, ACT)
+        else:
+            y = _act(tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32), ACT)
+        tl.store(Out + i, y.to(Out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _activation_backward(DOut, Pre, DPre, total, hidden, width, GATED: tl.constexpr, ACT: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < total
+        row = i // hidden
+        col = i % hidden
+        dy = tl.load(DOut + i, mask=ok, other=0.0).to(tl.float32)
+        if GATED:
+            value = tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(Pre + row * width + hidden + col, mask=ok, other=0.0).to(tl.float32)
+            tl.store(DPre + row * width + col, (dy * _act(g, ACT)).to(DPre.dtype.element_ty), mask=ok)
+            tl.store(DPre + row * width + hidden + col, (dy * value * _act_grad(g, ACT)).to(DPre.dtype.element_ty),
+                     mask=ok)
+        else:
+            x = tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32)
+            tl.store(DPre + row * width + col, (dy * _act_grad(x, ACT)).to(DPre.dtype.element_ty), mask=ok)
+
+
+__all__ = ["fused_dtype", "mlp_branch", "mlp_fits", "self_attention_branch", "self_attention_fits"]

@@ -1,0 +1,219 @@
+"""LayerNorm as one Triton kernel forward and one backward, on CUDA: the input's affine-free norm, and the latent
+stream's norms inside the fused residual branches (fused_block.py).
+
+Under autocast, PyTorch's LayerNorm runs in fp32 and returns fp32, so every Linear after it launches a cast of its
+input, and backward launches another for the gradient; its gamma/beta gradient kernel reduces over the token axis
+with one thread block per channel, which is slow for the few hundred channels of a latent stream and for the
+hundred thousand tokens of a batch. Here the forward writes the normalised output straight in the autocast dtype
+(what the next Linear consumes; the values are the fp32 result rounded once, as the cast would), and the backward
+reads that dtype's gradient, writes the input gradient in the input's dtype, and sums gamma/beta gradients per
+program over row tiles, leaving a small `(programs, width)` partial that one reduction finishes.
+
+Off CUDA, without Triton, under `torch.compile` (Inductor fuses the native op itself) or for widths past one tile,
+[`layer_norm`] is `F.layer_norm` followed by the same cast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path below
+    triton = None
+
+MAX_FUSED_WIDTH = 8192
+
+# Off switch for comparisons (benchmarks, tests): the PyTorch path everywhere when False.
+enabled = True
+
+
+def fused_layer_norm_fits(x: Tensor) -> bool:
+    """Whether [`layer_norm`] takes the Triton kernels for `x`."""
+    return (
+        enabled
+        and triton is not None
+        and x.is_cuda
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and 0 < x.shape[-1] <= MAX_FUSED_WIDTH
+        and x.numel() > 0
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over the last axis, returned in the autocast dtype under autocast (else in `x`'s dtype, or the
+    promoted dtype of `x` and the affine as `F.layer_norm` gives)."""
+    if fused_layer_norm_fits(x) and (weight is None or weight.is_cuda):
+        return _FusedLayerNorm.apply(x, weight, bias, eps, _output_dtype(x))
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    if torch.is_autocast_enabled(x.device.type):
+        y = y.to(torch.get_autocast_dtype(x.device.type))
+    return y
+
+
+def _tile(width: int) -> tuple[int, int, int]:
+    """(rows per tile, padded width, warps): tiles of about 4096 elements."""
+    block = triton.next_power_of_2(width)
+    rows = max(1, min(16, 4096 // block))
+    warps = 4 if block * rows <= 4096 else 8
+    return rows, block, warps
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs(device: torch.device, tiles: int) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(tiles, 4 * _SM_COUNT[index]))
+
+
+def norm_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """LayerNorm of the rows of `x2 (rows, width)` (unit stride along the row) into a new `out_dtype` tensor.
+    Returns `(y, stats)`, `stats (2, rows)` holding the fp32 mean and inverse standard deviation."""
+    rows, width = x2.shape
+    y = torch.empty((rows, width), dtype=out_dtype, device=x2.device)
+    stats = torch.empty((2, rows), dtype=torch.float32, device=x2.device)
+    tile_rows, block, warps = _tile(width)
+    _layer_norm_forward[(triton.cdiv(rows, tile_rows),)](
+        x2, y, weight if weight is not None else x2, bias if bias is not None else x2, stats,
+        rows, width, x2.stride(0), eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+    )
+    return y, stats
+
+
+def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, has_bias: bool,
+                  residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of [`norm_forward`] from `dy (rows, width)`: `(dx, d_weight, d_bias)` in fp32 for the affine, `dx`
+    in `x2`'s dtype. `residual_grad`, when given, is added to `dx` in the same kernel (a residual branch's gradient
+    meeting the normalised one)."""
+    rows, width = x2.shape
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = torch.empty((rows, width), dtype=x2.dtype, device=x2.device)
+    tile_rows, block, warps = _tile(width)
+    programs = _programs(x2.device, triton.cdiv(rows, tile_rows))
+    want_affine = weight is not None or has_bias
+    partial = torch.empty((2, programs, width) if want_affine else (2, 1, 1), dtype=torch.float32, device=x2.device)
+    if residual_grad is not None and residual_grad.stride(-1) != 1:
+        residual_grad = residual_grad.contiguous()
+    _layer_norm_backward[(programs,)](
+        x2, dy, dx, weight if weight is not None else x2, stats, partial,
+        residual_grad if residual_grad is not None else dx,
+        rows, width, x2.stride(0), dy.stride(0), residual_grad.stride(0) if residual_grad is not None else 0,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_grad is not None,
+        ROWS=tile_rows, BLOCK=block, num_warps=warps,
+    )
+    if not want_affine:
+        return dx, None, None
+    sums = partial.sum(dim=1)
+    return dx, sums[0] if weight is not None else None, sums[1] if has_bias else None
+
+
+class _FusedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y, stats = norm_forward(x2, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x2, weight, stats)
+        ctx.has_bias = bias is not None
+        ctx.shape = x.shape
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, weight, stats = ctx.saved_tensors
+        dx, grad_weight, grad_bias = norm_backward(x2, grad.reshape(-1, x2.shape[1]), weight, stats, ctx.has_bias)
+        w_dtype, b_dtype = ctx.dtypes
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(w_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(b_dtype)
+        return dx.view(ctx.shape), grad_weight, grad_bias, None, None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_forward(
+        X, Y, W, B, Stats, rows, width, stride, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        col = tl.arange(0, BLOCK)
+        row_ok = row < rows
+        col_ok = col < width
+        ok = row_ok[:, None] & col_ok[None, :]
+        offsets = row[:, None].to(tl.int64) * stride + col[None, :]
+        x = tl.load(X + offsets, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / width
+        centered = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / width + eps)
+        y = centered * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out_offsets = row[:, None].to(tl.int64) * width + col[None, :]
+        tl.store(Y + out_offsets, y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(Stats + row, mean, mask=row_ok)
+        tl.store(Stats + rows + row, rstd, mask=row_ok)
+
+    @triton.jit
+    def _layer_norm_backward(
+        X, DY, DX, W, Stats, Partial, DRes, rows, width, stride_x, stride_dy, stride_res,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        programs = tl.num_programs(0)
+        col = tl.arange(0, BLOCK)
+        col_ok = col < width
+        if HAS_WEIGHT:
+            w = tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)
+        grad_w = tl.zeros([BLOCK], dtype=tl.float32)
+        grad_b = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(program * ROWS, rows, programs * ROWS):
+            row = start + tl.arange(0, ROWS)
+            row_ok = row < rows
+            ok = row_ok[:, None] & col_ok[None, :]
+            row64 = row[:, None].to(tl.int64)
+            x = tl.load(X + row64 * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            mean = tl.load(Stats + row, mask=row_ok, other=0.0)
+            rstd = tl.load(Stats + rows + row, mask=row_ok, other=0.0)
+            x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+            w_dy = dy * w[None, :] if HAS_WEIGHT else dy
+            c1 = tl.sum(x_hat * w_dy, axis=1) / width
+            c2 = tl.sum(w_dy, axis=1) / width
+            dx = (w_dy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if HAS_RESIDUAL:
+                dx += tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(DX + row64 * width + col[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            if HAS_WEIGHT:
+                grad_w += tl.sum(dy * x_hat, axis=0)
+            if HAS_BIAS:
+                grad_b += tl.sum(dy, axis=0)
+        if HAS_WEIGHT:
+            tl.store(Partial + program * width + col, grad_w, mask=col_ok)
+        if HAS_BIAS:
+            tl.store(Partial + (programs + program) * width + col, grad_b, mask=col_ok)
+
+
+__all__ = ["fused_layer_norm_fits", "layer_norm", "norm_backward", "norm_forward"]
