@@ -357,7 +357,7 @@ def _fuse_every_branch():
 
     fused_block.enabled = True
     yield
-    fused_block.enabled = "auto"
+    fused_block.enabled = False
 
 
 def _module_path(fn):
