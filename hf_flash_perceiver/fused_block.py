@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention_backends import CUDNN_AVAILABLE
+from .cross_attention import _fused_backward, _fused_forward
 from .fused_norm import norm_backward, norm_forward, triton
 
 if triton is not None:
@@ -110,18 +111,16 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     if CUDNN_AVAILABLE and torch.backends.cuda.cudnn_sdp_enabled():
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
         return res[0], res[1], ("cudnn", *res[2:8])
-    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-    return res[0], res[1], ("flash", *res[2:8])
+    out, lse, aux = _fused_forward(q, k, v, None, scale)
+    return out, lse, ("flash", *aux)
 
 
 def _attention_backward(dout, q, k, v, out, lse, aux, scale) -> tuple[Tensor, Tensor, Tensor]:
-    kind, cum_q, cum_k, max_q, max_k, seed, offset = aux
-    if kind == "cudnn":
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale
-        )
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale
+    if aux[0] == "flash":
+        return _fused_backward(dout, q, k, v, out, lse, None, scale, aux[1:])
+    _, cum_q, cum_k, max_q, max_k, seed, offset = aux
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale
     )
 
 

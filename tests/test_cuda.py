@@ -350,8 +350,8 @@ def _fused_block_step(model, x, autocast=True, grad=True):
     return out.float(), grads, x.grad
 
 
-@pytest.fixture(autouse=True)
-def _fuse_every_branch():
+@pytest.fixture
+def fuse_every_branch():
     """Tests are small: fuse every branch that fits, not only those with enough work to pay for it ("auto")."""
     from hf_flash_perceiver import fused_block
 
@@ -370,6 +370,7 @@ def _module_path(fn):
         fused_block.enabled = True
 
 
+@pytest.mark.usefixtures("fuse_every_branch")
 @pytest.mark.parametrize("case", range(len(FUSED_BLOCK_CASES)))
 def test_fused_block_matches_module_path(case):
     cfg = small_config(**{**dict(latent_dim=128, num_latents=48, cross_head_dim=64, latent_head_dim=64,
@@ -396,6 +397,7 @@ def test_fused_block_matches_module_path(case):
     assert fused_kernels < module_kernels, (fused_kernels, module_kernels)
 
 
+@pytest.mark.usefixtures("fuse_every_branch")
 def test_fused_block_half_weights_inference_checkpointing_and_frozen():
     cfg = small_config(latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
                        input_dim=16)
