@@ -79,12 +79,22 @@ def is_main_process(training_args) -> bool:
 
 def shared_status(trainer, status: int | None) -> int:
     """The main process's exit status (None on the others), returned on every process. Under `torchrun` the other
-    processes wait here until the main one has saved, reloaded and reported, then exit with its status."""
+    processes wait here until the main one has saved, reloaded and reported, then exit with its status.
+
+    This is the script's last collective, so it also ends the process group (`Accelerator.end_training`): a gloo group
+    left to interpreter shutdown can abort a process ("terminate called without an active exception") after its work
+    is done, and the launcher then reports the run as failed. The barrier first matters: gloo's worker thread frees the
+    broadcast's Python-owned tensors after waking this thread, and needs the GIL for it; freeing the DDP model (whose
+    reducer holds the last reference to the group) joins that thread with the GIL held, which deadlocks unless the
+    thread is done. Waiting in a barrier releases the GIL until it is."""
     if trainer.accelerator.num_processes == 1:
         return status
     from accelerate.utils import broadcast_object_list
 
-    return broadcast_object_list([status], from_process=0)[0]
+    status = broadcast_object_list([status], from_process=0)[0]
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    return status
 
 
 def yaml_value(text: str):

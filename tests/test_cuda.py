@@ -382,15 +382,21 @@ def test_fused_block_matches_module_path(case):
     out, grads, x_grad = _fused_block_step(model, x)
     # Values and input gradients against the fp32 module path (autocast off), with the bf16 tolerances; two bf16
     # paths can each be ~1e-2 off it in opposite directions.
-    fp32_out, _, fp32_x_grad = _fused_block_step(model, x, autocast=False)
+    fp32_out, fp32_grads, fp32_x_grad = _fused_block_step(model, x, autocast=False)
+    fp32_grads = {n: g.clone() for n, g in fp32_grads.items()}
     # 3e-2: without the MLP residual the output is one bf16 MLP, not the fp32 residual stream (2.6e-2 measured).
     assert rel_err(out, fp32_out) <= 3e-2
     assert rel_err(x_grad, fp32_x_grad) <= BF16_GRAD_REL_TOL
-    # Parameter gradients against the bf16 module path (the same rounding of the forward).
+    # Parameter gradients against the fp32 path, next to the bf16 module path's own error there: the fused path must
+    # be about as accurate as the path it replaces. A gradient that passes back through several bf16 layers (the
+    # cross-attention's context norm, say) carries each path's rounding independently, so the two bf16 paths are
+    # not compared with each other; "about" is within twice the module path's error, or the bf16 tolerance where that
+    # is larger. A wrong kernel is off by O(1), far past either.
     ref_out, ref_grads, ref_x_grad = _module_path(lambda: _fused_block_step(model, x))
     for name, ref in ref_grads.items():
         assert grads[name].dtype == ref.dtype == torch.float32
-        assert rel_err(grads[name], ref) <= BF16_GRAD_REL_TOL, name
+        module_err = rel_err(ref, fp32_grads[name])
+        assert rel_err(grads[name], fp32_grads[name]) <= max(BF16_GRAD_REL_TOL, 2 * module_err), (name, module_err)
     # Fewer launches is the point of the fused path.
     fused_kernels = _kernel_count(lambda: _fused_block_step(model, x))
     module_kernels = _module_path(lambda: _kernel_count(lambda: _fused_block_step(model, x)))
