@@ -77,24 +77,32 @@ def is_main_process(training_args) -> bool:
     return training_args.process_index == 0
 
 
+# The status broadcast and its tensor, kept for the life of the process (see shared_status).
+_FINAL_COLLECTIVE: tuple | None = None
+
+
 def shared_status(trainer, status: int | None) -> int:
     """The main process's exit status (None on the others), returned on every process. Under `torchrun` the other
     processes wait here until the main one has saved, reloaded and reported, then exit with its status.
 
-    This is the script's last collective, so it also ends the process group (`Accelerator.end_training`): a gloo group
-    left to interpreter shutdown can abort a process ("terminate called without an active exception") after its work
-    is done, and the launcher then reports the run as failed. The barrier first matters: gloo's worker thread frees the
-    broadcast's Python-owned tensors after waking this thread, and needs the GIL for it; freeing the DDP model (whose
-    reducer holds the last reference to the group) joins that thread with the GIL held, which deadlocks unless the
-    thread is done. Waiting in a barrier releases the GIL until it is."""
+    This is the script's last collective, so it also ends the process group (`Accelerator.end_training`). Its work
+    handle is kept until the process ends: gloo's worker thread drops its own reference to a finished collective
+    after waking the caller, holding the group's queue lock, and if that reference is the last one, freeing the
+    tensors takes the GIL. Should that happen while the interpreter exits, the thread dies inside a destructor and the
+    process aborts ("terminate called without an active exception"); while the DDP model is freed (its reducer
+    destroys the group, waiting for that lock with the GIL held), both threads wait for ever. Holding a reference
+    here makes the worker's never the last."""
+    global _FINAL_COLLECTIVE
     if trainer.accelerator.num_processes == 1:
         return status
-    from accelerate.utils import broadcast_object_list
+    import torch.distributed as dist
 
-    status = broadcast_object_list([status], from_process=0)[0]
-    trainer.accelerator.wait_for_everyone()
+    value = torch.tensor([0 if status is None else status], dtype=torch.int64, device=trainer.accelerator.device)
+    work = dist.broadcast(value, src=0, async_op=True)
+    work.wait()
+    _FINAL_COLLECTIVE = (work, value)
     trainer.accelerator.end_training()
-    return status
+    return int(value.item())
 
 
 def yaml_value(text: str):
