@@ -63,14 +63,19 @@ def num_params(module: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------- this package
 class HFFlashPerceiver(nn.Module):
     """Our `PerceiverModel` (or its `torch.compile` wrapper, which shares its parameters) behind the common
-    `forward(inputs, mask)`."""
+    `forward(inputs, mask)`; `fused_branches` is the `fused_block.enabled` setting its forwards run under (the
+    package's default, the module path, when False)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused_branches: bool | str = False):
         super().__init__()
         self.model = model
+        self.fused_branches = fused_branches
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.model(inputs, attention_mask=mask).last_hidden_state
+        from hf_flash_perceiver.fused_block import fused_branches
+
+        with fused_branches(self.fused_branches):
+            return self.model(inputs, attention_mask=mask).last_hidden_state
 
 
 def flash_attn_4_available() -> bool:
@@ -94,8 +99,10 @@ def build_ours(
     compile: bool = False,
     compile_mode: str | None = None,
     gradient_checkpointing: bool = False,
+    fused_branches: bool | str = False,
 ) -> HFFlashPerceiver:
-    """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode."""
+    """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode, its forwards run with the
+    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`)."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
     config = PerceiverConfig(**shape.as_dict(), cross_attention_checkpointing=cross_attention_checkpointing)
@@ -106,7 +113,8 @@ def build_ours(
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     model.train()
-    return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model)
+    return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model,
+                            fused_branches)
 
 
 # ---------------------------------------------------------------------------------------------------- peers

@@ -4,6 +4,7 @@ class through `from_pretrained` (the transformers-format conversion), so both ru
 
     python benchmarks/pretrained_shapes.py                # both shapes on the GPU, batch 16
     python benchmarks/pretrained_shapes.py --smoke        # the same code on CPU at tiny shapes (no timing meaning)
+    python benchmarks/pretrained_shapes.py --fused-branches   # also this package under the opt-in fused branches
 
 Shapes (transformers' defaults / the Hub configs): `vision-learned` = deepmind/vision-perceiver-learned (224x224
 pixels -> 50 176 inputs of width 512 through a 1x1 conv + learned positions, 512 latents x 1024, one cross-attention
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--shapes", default="vision-learned,language")
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--fused-branches", action="store_true",
+                        help="also time this package's model under fused_block.fused_branches(True) (the opt-in "
+                             "fused residual branches), as the record's 'hf-flash-perceiver+fused-branches'")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"card": card, "torch": torch.__version__, "batch": batch, "records": []}
     import transformers
 
+    from hf_flash_perceiver.fused_block import fused_branches
+
     payload["transformers"] = transformers.__version__
     workdir = Path(tempfile.mkdtemp(prefix="pretrained-weights-"))
     for name, (config, size) in shapes(args.smoke).items():
@@ -154,9 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
         kw_theirs, kw_ours = batch_for(name, size, batch, config, device)
         record = {"shape": name, "input_size": size,
                   "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
-        for impl, model, kwargs in (("transformers", theirs, kw_theirs), ("hf-flash-perceiver", ours, kw_ours)):
+        runs = [("transformers", theirs, kw_theirs, False), ("hf-flash-perceiver", ours, kw_ours, False)]
+        if args.fused_branches:
+            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True))
+        for impl, model, kwargs, fused in runs:
             model.to(device)
-            record[impl] = measure(model, kwargs, device, args.warmup, args.iters)
+            with fused_branches(fused):
+                record[impl] = measure(model, kwargs, device, args.warmup, args.iters)
             model.to("cpu")
             gc.collect()
             if device.type == "cuda":
@@ -166,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         record["infer_speedup"] = ref["infer_ms"] / new["infer_ms"]
         if new["train_peak_gib"]:
             record["train_memory_ratio"] = ref["train_peak_gib"] / new["train_peak_gib"]
+        if args.fused_branches:
+            record["fused_branches_train_speedup"] = (
+                ref["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
         payload["records"].append(record)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}, flush=True)
         write_json(path, payload)

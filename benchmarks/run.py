@@ -131,6 +131,10 @@ IMPLS: dict[str, ImplSpec] = {
         ("seed",), lambda s, a: build_ours(s, "sdpa", cross_attention_checkpointing=True, gradient_checkpointing=True)
     ),
     "hf-flash-perceiver+varlen": ImplSpec(("masked",), lambda s, a: build_ours(s, "varlen")),
+    # The opt-in fused residual branches (every branch that fits), side by side with the default module path.
+    "hf-flash-perceiver+fused-branches": ImplSpec(
+        ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "sdpa", fused_branches=True)
+    ),
     "hf-flash-perceiver+flash-attn": ImplSpec(
         ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "flash_attention_2"),
         unavailable=_needs(flash_attn_2_available, "flash-attn (flash_attn) is not installed"),
@@ -635,6 +639,9 @@ def notes_for(ctx: Context) -> list[str]:
         "them between cross- and self-attention and needs the self-attention value width = d_latents, so 64-wide "
         "heads throughout are impossible; per-head widths are in each record's model field).",
         "hf-flash-perceiver+xattn-ckpt: PerceiverConfig(cross_attention_checkpointing=True).",
+        "hf-flash-perceiver+fused-branches: the forwards under hf_flash_perceiver.fused_block.fused_branches(True) "
+        "(opt-in): every latent self-attention and MLP residual branch that fits runs as one fused autograd node "
+        "(CUDA, half precision; the module path elsewhere, so off the GPU it equals hf-flash-perceiver).",
         "masked: random lengths uniform in [n/4, n] per sample (bool mask), each impl also timed on the same padded "
         "batch without a mask (masked: false); valid_fraction is the share of real tokens.",
     ]

@@ -17,6 +17,9 @@ no attention maps, no rotary, no attention dropout in training, the sdpa/varlen 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +31,8 @@ if triton is not None:
     import triton.language as tl
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default until
-# the pretrained vision shape, which ran slower fused, is understood): the module path everywhere.
+# the pretrained vision shape, which ran slower fused, is understood): the module path everywhere. Read in each
+# forward; `fused_branches(...)` below sets it for a block of code.
 enabled: bool | str = False
 
 # A fused branch trades many cheap C++ launches for a few Python-launched ones: it saves device time in proportion to
@@ -37,6 +41,21 @@ enabled: bool | str = False
 MIN_WORK = 2**32
 
 HALF = (torch.bfloat16, torch.float16)
+
+
+@contextmanager
+def fused_branches(setting: bool | str = True) -> Iterator[None]:
+    """Run the enclosed forwards with `enabled = setting` (True, "auto" or False), restoring the previous value after,
+    even on error. The setting is read in the forward, where each branch picks its path; a backward outside the block
+    follows the path its forward took."""
+    global enabled
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"fused_branches takes True, False or 'auto', got {setting!r}.")
+    previous, enabled = enabled, setting
+    try:
+        yield
+    finally:
+        enabled = previous
 _ACTIVATIONS = {"gelu": 0, "silu": 1, "sigmoid": 2}
 
 

@@ -20,7 +20,8 @@ from torch import nn
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # Everything except the compiled variant (tests/test_compile.py covers compilation; a CPU compile costs ~20 s) and
 # the optional flash-attn kernels (CUDA only).
-SMOKE_IMPLS = "hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,hf-flash-perceiver+varlen,perceiver-pytorch,transformers-perceiver"
+SMOKE_IMPLS = ("hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,hf-flash-perceiver+varlen,"
+               "hf-flash-perceiver+fused-branches,perceiver-pytorch,transformers-perceiver")
 HAS_PERCEIVER_PYTORCH = importlib.util.find_spec("perceiver_pytorch") is not None
 
 
@@ -81,10 +82,13 @@ def test_smoke_writes_the_documented_schema(smoke_run):
 
     # Every applicable impl ran at every smoke point (peers only where they apply).
     assert {r["impl"] for r in _measured(records, config="seed")} >= {"hf-flash-perceiver",
-                                                                     "hf-flash-perceiver+xattn-ckpt"}
-    assert {r["impl"] for r in _measured(records, config="io")} == {"hf-flash-perceiver", "transformers-perceiver"}
-    assert {r["impl"] for r in _measured(records, config="large")} == {"hf-flash-perceiver"}
-    for impl in ("hf-flash-perceiver", "hf-flash-perceiver+varlen"):
+                                                                     "hf-flash-perceiver+xattn-ckpt",
+                                                                     "hf-flash-perceiver+fused-branches"}
+    assert {r["impl"] for r in _measured(records, config="io")} == {"hf-flash-perceiver", "transformers-perceiver",
+                                                                   "hf-flash-perceiver+fused-branches"}
+    assert {r["impl"] for r in _measured(records, config="large")} == {"hf-flash-perceiver",
+                                                                      "hf-flash-perceiver+fused-branches"}
+    for impl in ("hf-flash-perceiver", "hf-flash-perceiver+varlen", "hf-flash-perceiver+fused-branches"):
         pair = _measured(records, config="masked", impl=impl)
         assert sorted(r["masked"] for r in pair) == [False, True]
         masked = next(r for r in pair if r["masked"])
@@ -302,14 +306,17 @@ def test_multi_gpu_smoke_on_cpu_processes(tmp_path):
 def test_pretrained_shapes_smoke(tmp_path):
     # transformers' class and this package's, converted from it, side by side on tiny shapes: one JSON, both timed.
     pretrained = _load("pretrained_shapes")
-    payload = pretrained.main(["--smoke", "--out-dir", str(tmp_path), "--iters", "1", "--warmup", "0"])
+    payload = pretrained.main(["--smoke", "--out-dir", str(tmp_path), "--iters", "1", "--warmup", "0",
+                               "--fused-branches"])
     assert [r["shape"] for r in payload["records"]] == ["vision-learned", "language"]
     for record in payload["records"]:
-        for impl in ("transformers", "hf-flash-perceiver"):
+        for impl in ("transformers", "hf-flash-perceiver", "hf-flash-perceiver+fused-branches"):
             assert record[impl]["train_ms"] > 0 and record[impl]["infer_ms"] > 0
             assert record[impl]["train_peak_gib"] is None  # no allocator peak off the GPU
         assert record["train_speedup"] == pytest.approx(
             record["transformers"]["train_ms"] / record["hf-flash-perceiver"]["train_ms"])
+        assert record["fused_branches_train_speedup"] == pytest.approx(
+            record["transformers"]["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
     (written,) = tmp_path.glob("*-cpu-pretrained-shapes-smoke.json")
     assert json.loads(written.read_text())["records"] == payload["records"]
 

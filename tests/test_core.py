@@ -469,6 +469,27 @@ def test_fused_branches_are_gpu_half_precision_only():
     assert not mlp_fits(block.mlp)
 
 
+def test_fused_branches_context_sets_and_restores():
+    """`fused_branches(setting)` holds `fused_block.enabled` at the setting inside the block and restores the value
+    before it afterwards, also when the block raises; anything but True, False or "auto" is refused."""
+    from hf_flash_perceiver import fused_block
+
+    before = fused_block.enabled
+    with fused_block.fused_branches("auto"):
+        assert fused_block.enabled == "auto"
+        with fused_block.fused_branches(True):
+            assert fused_block.enabled is True
+        assert fused_block.enabled == "auto"
+    assert fused_block.enabled is before
+    with pytest.raises(RuntimeError, match="boom"), fused_block.fused_branches(True):
+        raise RuntimeError("boom")
+    assert fused_block.enabled is before
+    with pytest.raises(ValueError, match="True, False or 'auto', got 'on'"):
+        with fused_block.fused_branches("on"):
+            pass
+    assert fused_block.enabled is before
+
+
 def test_fused_branches_auto_needs_work_per_launch():
     """Under "auto" only branches with at least MIN_WORK = rows x width^2 fuse: below it an eager step is
     bound by launch overhead and the module path is faster. Checked on the meta device (no GPU needed)."""
