@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import socket
 import statistics
@@ -142,6 +143,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         if rank == 0:
             queue.put(records)
     finally:
+        # Collect the DDP model (its reducer, in a reference cycle, holds the group) so that destroying the group
+        # joins gloo's worker threads now: left running into interpreter shutdown, one that must take the GIL to
+        # free a finished collective's tensors aborts the process ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -77,7 +77,7 @@ def is_main_process(training_args) -> bool:
     return training_args.process_index == 0
 
 
-# The status broadcast and its tensor, kept for the life of the process (see shared_status).
+# The status broadcast and its tensor, kept for the life of the process on gloo (see shared_status).
 _FINAL_COLLECTIVE: tuple | None = None
 
 
@@ -100,9 +100,11 @@ def shared_status(trainer, status: int | None) -> int:
     value = torch.tensor([0 if status is None else status], dtype=torch.int64, device=trainer.accelerator.device)
     work = dist.broadcast(value, src=0, async_op=True)
     work.wait()
-    _FINAL_COLLECTIVE = (work, value)
+    status = int(value.item())  # before the group ends: on NCCL, wait() only orders the streams
+    if dist.get_backend() == "gloo":  # the worker-thread pattern above is gloo's
+        _FINAL_COLLECTIVE = (work, value)
     trainer.accelerator.end_training()
-    return int(value.item())
+    return status
 
 
 def yaml_value(text: str):

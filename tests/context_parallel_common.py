@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distributed_common import end_process_group
 from hf_flash_perceiver import PerceiverConfig, PerceiverIOModel, PerceiverModel, context_parallel
 
 
@@ -110,7 +111,7 @@ def _worker(rank, world, port, case_name, device_type="cpu"):
             part = slice(0, cut) if rank == 0 else slice(cut, None)
             torch.testing.assert_close(x.grad, ref_xs[i].grad[:, part], **tol)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def run_on_two_ranks(case_name: str, device_type: str = "cpu") -> None:

@@ -219,6 +219,21 @@ def fsdp2_units(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
 
 
+def end_process_group() -> None:
+    """Destroy the default process group so that its gloo worker threads are joined before the interpreter exits.
+
+    Objects still holding the group (a DDP reducer in a reference cycle, an FSDP mesh) are collected first: while one
+    does, destroying the group leaves it alive, its worker threads run into interpreter shutdown, and one that must
+    take the GIL to free a finished collective's tensors then aborts the process ("terminate called without an active
+    exception"), or, if the group is freed by the reducer with the GIL held, waits on it for ever."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def run_case(case: str, mode: str, out_dir: Path, rank: int, world_size: int, device: torch.device) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -273,7 +288,7 @@ def main(argv: list[str]) -> None:
         for mode, case in runs:
             run_case(case, mode, out_dir, rank, world_size, device)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":
