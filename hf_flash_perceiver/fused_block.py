@@ -41,6 +41,7 @@ enabled: bool | str = False
 MIN_WORK = 2**32
 
 HALF = (torch.bfloat16, torch.float16)
+_ACTIVATIONS = {"gelu": 0, "silu": 1, "sigmoid": 2}
 
 
 @contextmanager
@@ -56,7 +57,6 @@ def fused_branches(setting: bool | str = True) -> Iterator[None]:
         yield
     finally:
         enabled = previous
-_ACTIVATIONS = {"gelu": 0, "silu": 1, "sigmoid": 2}
 
 
 def fused_dtype(x: Tensor) -> torch.dtype | None:

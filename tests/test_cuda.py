@@ -353,21 +353,17 @@ def _fused_block_step(model, x, autocast=True, grad=True):
 @pytest.fixture
 def fuse_every_branch():
     """Tests are small: fuse every branch that fits, not only those with enough work to pay for it ("auto")."""
-    from hf_flash_perceiver import fused_block
+    from hf_flash_perceiver.fused_block import fused_branches
 
-    fused_block.enabled = True
-    yield
-    fused_block.enabled = False
+    with fused_branches(True):
+        yield
 
 
 def _module_path(fn):
-    from hf_flash_perceiver import fused_block
+    from hf_flash_perceiver.fused_block import fused_branches
 
-    fused_block.enabled = False
-    try:
+    with fused_branches(False):
         return fn()
-    finally:
-        fused_block.enabled = True
 
 
 @pytest.mark.usefixtures("fuse_every_branch")
