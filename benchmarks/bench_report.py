@@ -15,8 +15,12 @@ TRANSFORMERS = "transformers-perceiver"
 # The peer each config is compared against (the large config has none: its target is MFU alone).
 PEER_OF_CONFIG = {"seed": PERCEIVER_PYTORCH, "masked": PERCEIVER_PYTORCH, "io": TRANSFORMERS}
 
-# Issue 5's targets, quoted next to the measured numbers (they decide nothing here).
+# The performance targets, quoted next to the measured numbers (they decide nothing here). The seed speedup asked of
+# the default eager path (what Trainer runs) is lower than that of the opt-in fast variants.
 TARGET_SEED_SPEEDUP = 5.0
+TARGET_SEED_SPEEDUP_DEFAULT = 3.0
+TARGET_KERNELS_PER_STEP = 700
+TARGET_KERNELS_N = 4096
 TARGET_SEED_MFU_N = 4096
 TARGET_SEED_MFU = 0.35
 TARGET_IO_SPEEDUP = 3.0
@@ -109,8 +113,8 @@ def markdown_table(results: dict) -> str:
         + (f"MFU against a measured bf16 matmul ceiling of {results['matmul_tflops']:.3g} TFLOP/s."
            if results.get("matmul_tflops") else "no MFU off the GPU."),
         "",
-        "| impl | config | n | batch | ms | peak GiB | TFLOP/s | MFU | speedup vs peer |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| impl | config | n | batch | ms | peak GiB | TFLOP/s | MFU | speedup vs peer | kernels/step | device ms | host ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in records:
         state = status(r)
@@ -121,9 +125,15 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"| {r['impl']} | {config_label(r)} | {r['n']} | {r['batch']} | {ms} | {_fmt(r.get('peak_gib'), '.2f')} | "
             f"{_fmt(r.get('tflops_per_s'), '.1f')} | {_fmt(r.get('mfu'), '.1f', 100)}{'%' if r.get('mfu') else ''} | "
-            f"{ratio_text} |"
+            f"{ratio_text} | {_fmt(r.get('kernels_per_step'), '.0f')} | {_fmt(r.get('device_ms'), '.1f')} | "
+            f"{_fmt(r.get('host_ms'), '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def seed_speedup_target(impl: str) -> float:
+    """The seed config's speedup target for `impl`: the default path's, or the fast variants'."""
+    return TARGET_SEED_SPEEDUP_DEFAULT if impl == OURS else TARGET_SEED_SPEEDUP
 
 
 def _find(records: Iterable[dict], **match) -> list[dict]:
@@ -144,7 +154,7 @@ def summary_lines(results: dict) -> list[str]:
         ratio = speedup(records, r)
         if ratio is None:
             continue
-        target = TARGET_SEED_SPEEDUP if r["config"] == "seed" else TARGET_IO_SPEEDUP
+        target = seed_speedup_target(r["impl"]) if r["config"] == "seed" else TARGET_IO_SPEEDUP
         out.append(
             f"{r['config']:6s} n={r['n']:<6d} B={r['batch']:<3d} {r['impl']}: {ratio:5.2f}x "
             f"{PEER_OF_CONFIG[r['config']]} (target >= {target:g}x: {_verdict(ratio >= target)})"
@@ -154,6 +164,18 @@ def summary_lines(results: dict) -> list[str]:
             out.append(
                 f"seed   n={r['n']:<6d} {r['impl']}: MFU {r['mfu']:.1%} "
                 f"(target >= {TARGET_SEED_MFU:.0%}: {_verdict(r['mfu'] >= TARGET_SEED_MFU)})"
+            )
+    for r in _find(records, config="seed", n=TARGET_KERNELS_N):
+        if is_ours(r["impl"]) and r.get("kernels_per_step") is not None:
+            ok = r["kernels_per_step"] <= TARGET_KERNELS_PER_STEP
+            mine = f" (target <= {TARGET_KERNELS_PER_STEP}: {_verdict(ok)})" if r["impl"] == OURS else ""
+            out.append(f"seed   n={r['n']:<6d} B={r['batch']:<3d} {r['impl']}: {r['kernels_per_step']:.0f} kernels/step{mine}")
+    for r in records:
+        if r["impl"] == OURS and measured(r) and r.get("host_ms") is not None and r.get("device_ms") is not None:
+            out.append(
+                f"{config_label(r):6s} n={r['n']:<6d} B={r['batch']:<3d} {r['impl']}: host {r['host_ms']:.1f} ms / "
+                f"device {r['device_ms']:.1f} ms per step (target host <= device: "
+                f"{_verdict(r['host_ms'] <= r['device_ms'])})"
             )
     n, batch = TARGET_MEMORY_POINT
     for r in _find(records, config="seed", n=n, batch=batch):
