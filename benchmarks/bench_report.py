@@ -49,16 +49,27 @@ def load(path: str | Path) -> dict:
 OTHER_RESULTS = ("-long-inputs", "-multi-gpu", "-pretrained-shapes", "-trainer")
 
 
+def is_complete(results: dict) -> bool:
+    """Whether a run measured everything it planned: no record left out by the time budget and no peer missing (a
+    run without its peers has no ratios to show). Files written before the flag existed count as complete."""
+    if not results.get("complete", True):
+        return False
+    peers = set(PEER_OF_CONFIG.values())
+    return not any(r.get("impl") in peers and r.get("skipped") for r in results.get("records", []))
+
+
 def newest_results(results_dir: str | Path) -> Path:
-    """The newest results file of `run.py`: the latest date in its name, then the latest modification; smoke runs
-    only when there is nothing else."""
+    """The newest results file of `run.py`: complete runs before partial ones (see [`is_complete`]; a partial run
+    stays in the folder for its records but does not become the README table while a complete one exists), then the
+    latest date in its name, then the latest modification; smoke runs only when there is nothing else."""
     files = [
         p for p in Path(results_dir).glob("*.json")
         if not p.name.startswith(".") and not p.stem.removesuffix("-smoke").endswith(OTHER_RESULTS)
     ]
     if not files:
         raise FileNotFoundError(f"No results JSON in {results_dir}; run benchmarks/run.py first.")
-    return max(files, key=lambda p: (not p.stem.endswith("-smoke"), p.name[:10], p.stat().st_mtime))
+    return max(files, key=lambda p: (not p.stem.endswith("-smoke"), is_complete(load(p)), p.name[:10],
+                                     p.stat().st_mtime))
 
 
 def _key(record: dict) -> tuple:

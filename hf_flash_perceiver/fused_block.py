@@ -30,9 +30,11 @@ from .fused_norm import norm_backward, norm_forward, triton
 if triton is not None:
     import triton.language as tl
 
-# "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default until
-# the pretrained vision shape, which ran slower fused, is understood): the module path everywhere. Read in each
-# forward; `fused_branches(...)` below sets it for a block of code.
+# "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
+# module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
+# Why opt-in: fused, a step launches about a quarter fewer kernels and keeps the GPU busy about a third less, but each
+# Triton kernel is launched from Python at several times the host cost of a PyTorch op, and eager steps of these
+# models are host-bound, so wall time improves only where device time dominates (wide latents, large batches).
 enabled: bool | str = False
 
 # A fused branch trades many cheap C++ launches for a few Python-launched ones: it saves device time in proportion to
@@ -95,8 +97,16 @@ def mlp_fits(mlp: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------------- projections
 
 
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    """`tensors` (a branch's weights and biases) in `dtype`, converted by one multi-tensor kernel rather than one
+    launch each."""
+    present = [t for t in tensors if t is not None]
+    if all(t.dtype == dtype for t in present):
+        return list(tensors)
+    copies = [torch.empty_like(t, dtype=dtype) for t in present]
+    torch._foreach_copy_(copies, present)
+    it = iter(copies)
+    return [None if t is None else next(it) for t in tensors]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -151,13 +161,13 @@ class _SelfAttentionBranch(torch.autograd.Function):
         batch, length, _ = x.shape
         x2 = _rows(x)
         h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
-        w_qkv_c, w_o_c = w_qkv.to(dtype), w_o.to(dtype)
-        qkv = _linear(h, w_qkv_c, _cast(b_qkv, dtype))
+        w_qkv_c, b_qkv_c, w_o_c, b_o_c = _cast(dtype, w_qkv, b_qkv, w_o, b_o)
+        qkv = _linear(h, w_qkv_c, b_qkv_c)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         scale = head_dim**-0.5
         out, lse, aux = _attention_forward(q, k, v, scale)
         a = out.transpose(1, 2).reshape(batch * length, heads * head_dim)
-        y = torch.add(x2, _linear(a, w_o_c, _cast(b_o, dtype)))
+        y = torch.add(x2, _linear(a, w_o_c, b_o_c))
         ctx.save_for_backward(x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
         ctx.aux, ctx.scale, ctx.shape = aux, scale, x.shape
         ctx.has_ln_bias, ctx.has_qkv_bias, ctx.has_o_bias = ln_b is not None, b_qkv is not None, b_o is not None
@@ -190,10 +200,10 @@ class _MLPBranch(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, dtype):
         x2 = _rows(x)
         h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
-        w1_c, w2_c = w1.to(dtype), w2.to(dtype)
-        pre = _linear(h, w1_c, _cast(b1, dtype))
+        w1_c, b1_c, w2_c, b2_c = _cast(dtype, w1, b1, w2, b2)
+        pre = _linear(h, w1_c, b1_c)
         act = activation_forward(pre, gate)
-        o = _linear(act, w2_c, _cast(b2, dtype))
+        o = _linear(act, w2_c, b2_c)
         y = torch.add(x2, o) if residual else o.to(x.dtype)
         ctx.save_for_backward(x2, ln_w, stats, h, w1_c, pre, act, w2_c, w1, w2)
         ctx.gate, ctx.residual, ctx.shape = gate, residual, x.shape

@@ -261,6 +261,14 @@ def test_newest_results_prefers_real_runs_over_smoke(tmp_path):
     for name in ("2026-02-01-nvidia-h200-long-inputs.json", "2026-02-01-nvidia-h200-multi-gpu.json"):
         (tmp_path / name).write_text("{}")
     assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"
+    # A later run cut short by its time budget, or one whose peer was not installed, keeps its file but not the table.
+    cut = {"complete": False, "records": []}
+    no_peer = {"complete": True, "records": [{"impl": "perceiver-pytorch", "skipped": "perceiver-pytorch is not installed"}]}
+    for name, payload in (("2026-04-01-nvidia-h200.json", cut), ("2026-04-02-nvidia-h200.json", no_peer)):
+        (tmp_path / name).write_text(json.dumps(payload))
+    assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"
+    (tmp_path / "2026-04-03-nvidia-h200.json").write_text(json.dumps({"complete": True, "records": []}))
+    assert report.newest_results(tmp_path).name == "2026-04-03-nvidia-h200.json"
 
 
 def test_smoke_defaults_write_outside_the_results_and_leave_out_compilation(monkeypatch, capsys):

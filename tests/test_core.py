@@ -490,6 +490,23 @@ def test_fused_branches_context_sets_and_restores():
     assert fused_block.enabled is before
 
 
+def test_fused_branch_weight_cast_is_one_multi_tensor_copy():
+    """A fused branch converts its weights and biases with one `torch._foreach_copy_`: each comes back in the
+    branch's dtype with its own values (the conversion is exact rounding, compared bit for bit with `.to`), absent
+    biases stay None, and parameters already in that dtype are passed through without a copy."""
+    from hf_flash_perceiver.fused_block import _cast
+
+    g = torch.Generator().manual_seed(7)
+    w1, b1, w2 = torch.randn(12, 8, generator=g), torch.randn(12, generator=g), torch.randn(8, 12, generator=g)
+    out = _cast(torch.bfloat16, w1, b1, w2, None)
+    assert out[3] is None
+    for src, dst in zip((w1, b1, w2), out[:3]):
+        assert dst.dtype == torch.bfloat16 and dst.shape == src.shape
+        assert torch.equal(dst, src.to(torch.bfloat16))
+    half = [t.to(torch.bfloat16) for t in (w1, b1)]
+    assert all(a is b for a, b in zip(_cast(torch.bfloat16, *half, None), half + [None]))
+
+
 def test_fused_branches_auto_needs_work_per_launch():
     """Under "auto" only branches with at least MIN_WORK = rows x width^2 fuse: below it an eager step is
     bound by launch overhead and the module path is faster. Checked on the meta device (no GPU needed)."""
