@@ -32,14 +32,16 @@ if triton is not None:
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
 # module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
-# Why opt-in: fused, a step launches about a quarter fewer kernels and keeps the GPU busy about a third less, but each
+# Why opt-in: fused, a step launches about a quarter fewer kernels and keeps the GPU busy up to a third less, but each
 # Triton kernel is launched from Python at several times the host cost of a PyTorch op, and eager steps of these
 # models are host-bound, so wall time improves only where device time dominates (wide latents, large batches).
 enabled: bool | str = False
 
 # A fused branch trades many cheap C++ launches for a few Python-launched ones: it saves device time in proportion to
 # the branch's work (about rows x width^2) but costs a fixed host time. Below this much work per branch an eager step
-# is bound by launch overhead, and the module path is the faster of the two.
+# is bound by launch overhead, and the module path is the faster of the two. Above it fusing can still lose where the
+# whole step stays host-bound (the pretrained vision shape clears this bar and ran slower fused): a necessary
+# condition, not a sufficient one, which is why "auto" is not the default.
 MIN_WORK = 2**32
 
 HALF = (torch.bfloat16, torch.float16)
