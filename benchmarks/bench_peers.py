@@ -64,18 +64,25 @@ def num_params(module: nn.Module) -> int:
 class HFFlashPerceiver(nn.Module):
     """Our `PerceiverModel` (or its `torch.compile` wrapper, which shares its parameters) behind the common
     `forward(inputs, mask)`; `fused_branches` is the `fused_block.enabled` setting its forwards run under (the
-    package's default, the module path, when False)."""
+    package's default, the module path, when False), `weight_cast` the `weight_cast.enabled` one (the default, True:
+    a block's projection weights converted together under autocast; False: autocast converting each)."""
 
-    def __init__(self, model: nn.Module, fused_branches: bool | str = False):
+    def __init__(self, model: nn.Module, fused_branches: bool | str = False, weight_cast: bool = True):
         super().__init__()
         self.model = model
         self.fused_branches = fused_branches
+        self.weight_cast = weight_cast
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
+        from hf_flash_perceiver import weight_cast
         from hf_flash_perceiver.fused_block import fused_branches
 
-        with fused_branches(self.fused_branches):
-            return self.model(inputs, attention_mask=mask).last_hidden_state
+        previous, weight_cast.enabled = weight_cast.enabled, self.weight_cast
+        try:
+            with fused_branches(self.fused_branches):
+                return self.model(inputs, attention_mask=mask).last_hidden_state
+        finally:
+            weight_cast.enabled = previous
 
 
 def flash_attn_4_available() -> bool:
@@ -100,9 +107,11 @@ def build_ours(
     compile_mode: str | None = None,
     gradient_checkpointing: bool = False,
     fused_branches: bool | str = False,
+    weight_cast: bool = True,
 ) -> HFFlashPerceiver:
     """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode, its forwards run with the
-    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`)."""
+    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`) and the block-wise weight
+    conversion to `weight_cast` (`hf_flash_perceiver.weight_cast`)."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
     config = PerceiverConfig(**shape.as_dict(), cross_attention_checkpointing=cross_attention_checkpointing)
@@ -114,7 +123,7 @@ def build_ours(
         enable()
     model.train()
     return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model,
-                            fused_branches)
+                            fused_branches, weight_cast)
 
 
 # ---------------------------------------------------------------------------------------------------- peers

@@ -49,18 +49,25 @@ def load(path: str | Path) -> dict:
 OTHER_RESULTS = ("-long-inputs", "-multi-gpu", "-pretrained-shapes", "-trainer")
 
 
+# Options that make a run measure a part of the harness on purpose (an A/B of some variants, one config).
+SCOPING_OPTIONS = ("--configs", "--impls", "--ns")
+
+
 def is_complete(results: dict) -> bool:
-    """Whether a run measured everything it planned: no record left out by the time budget and no peer missing (a
-    run without its peers has no ratios to show). Files written before the flag existed count as complete."""
+    """Whether a run measured the whole harness: not scoped to some configs, implementations or sizes (a scoped run
+    is an A/B, not a table), no record left out by the time budget, and no peer missing (a run without its peers has
+    no ratios to show). Files written before the flag existed count as complete."""
     if not results.get("complete", True):
+        return False
+    if any(a.split("=")[0] in SCOPING_OPTIONS for a in results.get("argv", [])):
         return False
     peers = set(PEER_OF_CONFIG.values())
     return not any(r.get("impl") in peers and r.get("skipped") for r in results.get("records", []))
 
 
 def newest_results(results_dir: str | Path) -> Path:
-    """The newest results file of `run.py`: complete runs before partial ones (see [`is_complete`]; a partial run
-    stays in the folder for its records but does not become the README table while a complete one exists), then the
+    """The newest results file of `run.py`: complete runs before partial or scoped ones (see [`is_complete`]; such a
+    run stays in the folder for its records but does not become the README table while a complete one exists), then the
     latest date in its name, then the latest modification; smoke runs only when there is nothing else."""
     files = [
         p for p in Path(results_dir).glob("*.json")

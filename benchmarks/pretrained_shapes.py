@@ -5,6 +5,7 @@ class through `from_pretrained` (the transformers-format conversion), so both ru
     python benchmarks/pretrained_shapes.py                # both shapes on the GPU, batch 16
     python benchmarks/pretrained_shapes.py --smoke        # the same code on CPU at tiny shapes (no timing meaning)
     python benchmarks/pretrained_shapes.py --fused-branches   # also this package under the opt-in fused branches
+    python benchmarks/pretrained_shapes.py --autocast-casts   # also with autocast converting each weight (A/B)
 
 Shapes (transformers' defaults / the Hub configs): `vision-learned` = deepmind/vision-perceiver-learned (224x224
 pixels -> 50 176 inputs of width 512 through a 1x1 conv + learned positions, 512 latents x 1024, one cross-attention
@@ -136,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fused-branches", action="store_true",
                         help="also time this package's model under fused_block.fused_branches(True) (the opt-in "
                              "fused residual branches), as the record's 'hf-flash-perceiver+fused-branches'")
+    parser.add_argument("--autocast-casts", action="store_true",
+                        help="also time this package's model with weight_cast.enabled = False (autocast converting "
+                             "each weight and gradient on its own, the path before block-wise conversion), as the "
+                             "record's 'hf-flash-perceiver+autocast-casts'")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"card": card, "torch": torch.__version__, "batch": batch, "records": []}
     import transformers
 
+    from hf_flash_perceiver import weight_cast
     from hf_flash_perceiver.fused_block import fused_branches
 
     payload["transformers"] = transformers.__version__
@@ -160,13 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
         kw_theirs, kw_ours = batch_for(name, size, batch, config, device)
         record = {"shape": name, "input_size": size,
                   "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
-        runs = [("transformers", theirs, kw_theirs, False), ("hf-flash-perceiver", ours, kw_ours, False)]
+        # (impl, model, inputs, fused branches, block-wise weight conversion)
+        runs = [("transformers", theirs, kw_theirs, False, True), ("hf-flash-perceiver", ours, kw_ours, False, True)]
         if args.fused_branches:
-            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True))
-        for impl, model, kwargs, fused in runs:
+            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True))
+        if args.autocast_casts:
+            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False))
+        for impl, model, kwargs, fused, cast in runs:
             model.to(device)
-            with fused_branches(fused):
-                record[impl] = measure(model, kwargs, device, args.warmup, args.iters)
+            previous, weight_cast.enabled = weight_cast.enabled, cast
+            try:
+                with fused_branches(fused):
+                    record[impl] = measure(model, kwargs, device, args.warmup, args.iters)
+            finally:
+                weight_cast.enabled = previous
             model.to("cpu")
             gc.collect()
             if device.type == "cuda":
@@ -179,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.fused_branches:
             record["fused_branches_train_speedup"] = (
                 ref["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
+        if args.autocast_casts:
+            record["autocast_casts_train_speedup"] = (
+                ref["train_ms"] / record["hf-flash-perceiver+autocast-casts"]["train_ms"])
         payload["records"].append(record)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}, flush=True)
         write_json(path, payload)

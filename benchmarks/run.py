@@ -135,6 +135,11 @@ IMPLS: dict[str, ImplSpec] = {
     "hf-flash-perceiver+fused-branches": ImplSpec(
         ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "sdpa", fused_branches=True)
     ),
+    # The default path as it was before projection weights were converted block by block: autocast converting each
+    # weight and gradient on its own (same run, for the A/B).
+    "hf-flash-perceiver+autocast-casts": ImplSpec(
+        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", weight_cast=False)
+    ),
     "hf-flash-perceiver+flash-attn": ImplSpec(
         ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "flash_attention_2"),
         unavailable=_needs(flash_attn_2_available, "flash-attn (flash_attn) is not installed"),
@@ -642,6 +647,9 @@ def notes_for(ctx: Context) -> list[str]:
         "hf-flash-perceiver+fused-branches: the forwards under hf_flash_perceiver.fused_block.fused_branches(True) "
         "(opt-in): every latent self-attention and MLP residual branch that fits runs as one fused autograd node "
         "(CUDA, half precision; the module path elsewhere, so off the GPU it equals hf-flash-perceiver).",
+        "hf-flash-perceiver+autocast-casts: hf_flash_perceiver.weight_cast.enabled = False, the default path as it "
+        "was before blocks converted their projection weights together: autocast converts each weight and each "
+        "gradient on its own (off autocast, and under torch.compile, both are the same).",
         "masked: random lengths uniform in [n/4, n] per sample (bool mask), each impl also timed on the same padded "
         "batch without a mask (masked: false); valid_fraction is the share of real tokens.",
     ]

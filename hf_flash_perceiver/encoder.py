@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput
 from .layers import AttentionSpec, PerceiverBlock
+from .weight_cast import shared_casts
 
 
 class PerceiverEncoder(nn.Module):
@@ -48,12 +49,14 @@ class PerceiverEncoder(nn.Module):
         for i, context in enumerate(contexts):
             self.cross_layers[self.block_index(i)].attn.prepare(context)
         x = latents
-        for i, context in enumerate(contexts):
-            b = self.block_index(i)
-            x, _ = self.cross_layers[b](x, context, **kwargs)
-            for _ in range(self.config.latent_stack_repeats):
-                for layer in self.self_layers[b]:
-                    x, _ = layer(x, **kwargs)
+        # Blocks that share modules (tied layers, repeated latent stacks) share their converted weights too.
+        with shared_casts():
+            for i, context in enumerate(contexts):
+                b = self.block_index(i)
+                x, _ = self.cross_layers[b](x, context, **kwargs)
+                for _ in range(self.config.latent_stack_repeats):
+                    for layer in self.self_layers[b]:
+                        x, _ = layer(x, **kwargs)
         return x
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .attention_backends import CUDNN_AVAILABLE
 from .cross_attention import _fused_backward, _fused_forward
 from .fused_norm import norm_backward, norm_forward, triton
+from .weight_cast import cast_tensors
 
 if triton is not None:
     import triton.language as tl
@@ -99,18 +100,6 @@ def mlp_fits(mlp: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------------- projections
 
 
-def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
-    """`tensors` (a branch's weights and biases) in `dtype`, converted by one multi-tensor kernel rather than one
-    launch each."""
-    present = [t for t in tensors if t is not None]
-    if all(t.dtype == dtype for t in present):
-        return list(tensors)
-    copies = [torch.empty_like(t, dtype=dtype) for t in present]
-    torch._foreach_copy_(copies, present)
-    it = iter(copies)
-    return [None if t is None else next(it) for t in tensors]
-
-
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
@@ -163,7 +152,7 @@ class _SelfAttentionBranch(torch.autograd.Function):
         batch, length, _ = x.shape
         x2 = _rows(x)
         h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
-        w_qkv_c, b_qkv_c, w_o_c, b_o_c = _cast(dtype, w_qkv, b_qkv, w_o, b_o)
+        w_qkv_c, b_qkv_c, w_o_c, b_o_c = cast_tensors(dtype, w_qkv, b_qkv, w_o, b_o)
         qkv = _linear(h, w_qkv_c, b_qkv_c)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         scale = head_dim**-0.5
@@ -202,7 +191,7 @@ class _MLPBranch(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, dtype):
         x2 = _rows(x)
         h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
-        w1_c, b1_c, w2_c, b2_c = _cast(dtype, w1, b1, w2, b2)
+        w1_c, b1_c, w2_c, b2_c = cast_tensors(dtype, w1, b1, w2, b2)
         pre = _linear(h, w1_c, b1_c)
         act = activation_forward(pre, gate)
         o = _linear(act, w2_c, b2_c)

@@ -13,6 +13,7 @@ from .attention_backends import KeyPaddingMask, attention, is_wide_head
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
 from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
+from .weight_cast import cast_projections, project
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -59,6 +60,36 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 _GATE_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid}
 
 
+class _GatedActivation(torch.autograd.Function):
+    """`value * act(gate)` of `h = [value | gate]` (split on the last axis), as one autograd node whose backward
+    writes both halves' gradients straight into one tensor: autograd would run the product, the activation and the
+    split as three nodes and concatenate the halves' gradients, one more kernel per MLP."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, name: str) -> Tensor:
+        value, gate = h.chunk(2, dim=-1)
+        act = _GATE_ACTIVATIONS[name](gate)
+        ctx.save_for_backward(value, gate, act)
+        ctx.name = name
+        return value * act
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
+        value, gate, act = ctx.saved_tensors
+        half = value.shape[-1]
+        d_h = torch.empty((*dy.shape[:-1], 2 * half), dtype=value.dtype, device=dy.device)
+        torch.mul(dy, act, out=d_h[..., :half])
+        d_act, d_gate = dy * value, d_h[..., half:]
+        if ctx.name == "gelu":
+            torch.ops.aten.gelu_backward.grad_input(d_act, gate, grad_input=d_gate)
+        elif ctx.name == "silu":
+            torch.ops.aten.silu_backward.grad_input(d_act, gate, grad_input=d_gate)
+        else:
+            torch.ops.aten.sigmoid_backward.grad_input(d_act, act, grad_input=d_gate)
+        return d_h, None
+
+
 class PerceiverMLP(nn.Module):
     """GELU MLP, or a gated MLP (`fc1` emits value and gate halves: `fc2(value * act(gate))`).
 
@@ -79,13 +110,15 @@ class PerceiverMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        if self.gated:
+        h = project(self.fc1, x)
+        if self.gated and not torch.compiler.is_compiling():
+            h = _GatedActivation.apply(h, self.gate_activation_name)
+        elif self.gated:  # Inductor fuses the three ops into one kernel, backward included
             value, gate = h.chunk(2, dim=-1)
             h = value * self.gate_activation(gate)
         else:
             h = F.gelu(h)
-        return self.fc2(h)
+        return project(self.fc2, h)
 
 
 @dataclass(frozen=True)
@@ -193,7 +226,12 @@ class PerceiverAttention(nn.Module):
             dropout=self.spec.dropout if self.training else 0.0,
             output_attentions=output_attentions,
         )
-        return self.o_proj(out.flatten(-2)), weights
+        return project(self.o_proj, out.flatten(-2)), weights
+
+    def projections(self) -> list[nn.Linear]:
+        """The projections of the latent or query stream, which [`PerceiverBlock`] converts together under autocast
+        (weight_cast.py); the input side's key/value projection is folded or chunked, and converted where it is."""
+        return [self.o_proj]
 
 
 class PerceiverSelfAttention(PerceiverAttention):
@@ -203,9 +241,12 @@ class PerceiverSelfAttention(PerceiverAttention):
         super().__init__(config, spec)
         self.qkv_proj = nn.Linear(spec.dim, spec.heads * (2 * spec.head_dim + self.v_head_dim), bias=spec.qkv_bias)
 
+    def projections(self) -> list[nn.Linear]:
+        return [self.qkv_proj, self.o_proj]
+
     def forward(self, hidden_states: Tensor, output_attentions: bool = False, **kwargs) -> tuple[Tensor, Tensor | None]:
         d = self.head_dim
-        query, key, value = self._heads(self.qkv_proj(hidden_states), d, d, self.v_head_dim)
+        query, key, value = self._heads(project(self.qkv_proj, hidden_states), d, d, self.v_head_dim)
         if self.rotary is not None:
             cos, sin = self.rotary(query.shape[1], query.device)
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
@@ -235,6 +276,9 @@ class PerceiverCrossAttention(PerceiverAttention):
     @property
     def input_norm(self) -> nn.LayerNorm | None:
         return self._input_norm[0]
+
+    def projections(self) -> list[nn.Linear]:
+        return [self.q_proj, self.o_proj]
 
     def prepare(self, context: CrossInput) -> None:
         """Fill `context`'s shared LayerNorm cache before any block runs. Blocks may be recomputed under activation
@@ -312,7 +356,7 @@ class PerceiverCrossAttention(PerceiverAttention):
     def forward(
         self, hidden_states: Tensor, context: CrossInput, output_attentions: bool = False, **kwargs
     ) -> tuple[Tensor, Tensor | None]:
-        (query,) = self._heads(self.q_proj(hidden_states), self.head_dim)
+        (query,) = self._heads(project(self.q_proj, hidden_states), self.head_dim)
         if self.rotary is not None:
             query = self.rotary.rotate(query)
         if context.shard is not None and output_attentions:
@@ -324,7 +368,7 @@ class PerceiverCrossAttention(PerceiverAttention):
                 f"context_parallel() has no attention dropout, but cross_attn_dropout={self.spec.dropout}: set it to 0."
             )
         if self.absorbs_projection(query, context, output_attentions):
-            return self.o_proj(self.absorbed_attention(query, context).flatten(-2)), None
+            return project(self.o_proj, self.absorbed_attention(query, context).flatten(-2)), None
         if (self.spec.chunked or context.shard is not None) and not output_attentions:
             # Long inputs: keys/values chunk by chunk, recomputed in backward, and under context parallelism merged
             # over the ranks (see cross_attention.py).
@@ -332,7 +376,7 @@ class PerceiverCrossAttention(PerceiverAttention):
                 query, context, self.input_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
                 v_head_dim=self.v_head_dim, scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
             )
-            return self.o_proj(out.flatten(-2)), None
+            return project(self.o_proj, out.flatten(-2)), None
         key, value = self.project_context(context)
         return self._attend(query, key, value, context.mask, output_attentions)
 
@@ -365,15 +409,27 @@ class PerceiverBlock(GradientCheckpointingLayer):
             context = CrossInput(context)
         # On CUDA in half precision each residual branch may run as one fused autograd node (fused_block.py).
         fused = fused_dtype(hidden_states)
-        if context is None and fused is not None and self_attention_fits(self.attn, kwargs.get("output_attentions")):
-            hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
-        else:
-            if context is None:
-                attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
+        fuse_attn = (
+            context is None and fused is not None and self_attention_fits(self.attn, kwargs.get("output_attentions"))
+        )
+        fuse_mlp = fused is not None and mlp_fits(self.mlp)
+        # What runs as modules converts its projection weights together (weight_cast.py); a block recomputed under
+        # activation checkpointing does not, so that its forward and its recompute take the same path.
+        linears = [] if fuse_attn else self.attn.projections()
+        if not fuse_mlp:
+            linears += [self.mlp.fc1, self.mlp.fc2]
+        if self.gradient_checkpointing and self.training:
+            linears = []
+        with cast_projections(linears, hidden_states):
+            if fuse_attn:
+                hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
             else:
-                attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
-            hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
-        if fused is not None and mlp_fits(self.mlp):
-            return mlp_branch(self.norm2, self.mlp, hidden_states, fused, self.mlp_residual), weights
-        mlp_out = self.mlp(self.norm2(hidden_states))
+                if context is None:
+                    attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
+                else:
+                    attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
+                hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
+            if fuse_mlp:
+                return mlp_branch(self.norm2, self.mlp, hidden_states, fused, self.mlp_residual), weights
+            mlp_out = self.mlp(self.norm2(hidden_states))
         return (hidden_states + mlp_out if self.mlp_residual else mlp_out), weights

@@ -21,7 +21,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # Everything except the compiled variant (tests/test_compile.py covers compilation; a CPU compile costs ~20 s) and
 # the optional flash-attn kernels (CUDA only).
 SMOKE_IMPLS = ("hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,hf-flash-perceiver+varlen,"
-               "hf-flash-perceiver+fused-branches,perceiver-pytorch,transformers-perceiver")
+               "hf-flash-perceiver+fused-branches,hf-flash-perceiver+autocast-casts,perceiver-pytorch,"
+               "transformers-perceiver")
 HAS_PERCEIVER_PYTORCH = importlib.util.find_spec("perceiver_pytorch") is not None
 
 
@@ -83,11 +84,14 @@ def test_smoke_writes_the_documented_schema(smoke_run):
     # Every applicable impl ran at every smoke point (peers only where they apply).
     assert {r["impl"] for r in _measured(records, config="seed")} >= {"hf-flash-perceiver",
                                                                      "hf-flash-perceiver+xattn-ckpt",
-                                                                     "hf-flash-perceiver+fused-branches"}
+                                                                     "hf-flash-perceiver+fused-branches",
+                                                                     "hf-flash-perceiver+autocast-casts"}
     assert {r["impl"] for r in _measured(records, config="io")} == {"hf-flash-perceiver", "transformers-perceiver",
-                                                                   "hf-flash-perceiver+fused-branches"}
+                                                                   "hf-flash-perceiver+fused-branches",
+                                                                   "hf-flash-perceiver+autocast-casts"}
     assert {r["impl"] for r in _measured(records, config="large")} == {"hf-flash-perceiver",
-                                                                      "hf-flash-perceiver+fused-branches"}
+                                                                      "hf-flash-perceiver+fused-branches",
+                                                                      "hf-flash-perceiver+autocast-casts"}
     for impl in ("hf-flash-perceiver", "hf-flash-perceiver+varlen", "hf-flash-perceiver+fused-branches"):
         pair = _measured(records, config="masked", impl=impl)
         assert sorted(r["masked"] for r in pair) == [False, True]
@@ -264,10 +268,15 @@ def test_newest_results_prefers_real_runs_over_smoke(tmp_path):
     # A later run cut short by its time budget, or one whose peer was not installed, keeps its file but not the table.
     cut = {"complete": False, "records": []}
     no_peer = {"complete": True, "records": [{"impl": "perceiver-pytorch", "skipped": "perceiver-pytorch is not installed"}]}
-    for name, payload in (("2026-04-01-nvidia-h200.json", cut), ("2026-04-02-nvidia-h200.json", no_peer)):
+    # So does a run scoped to some configs or variants (an A/B), even when it measured all it was asked for.
+    scoped = {"complete": True, "argv": ["--configs", "seed", "--impls", "hf-flash-perceiver,perceiver-pytorch"],
+              "records": []}
+    for name, payload in (("2026-04-01-nvidia-h200.json", cut), ("2026-04-02-nvidia-h200.json", no_peer),
+                          ("2026-04-02-nvidia-h200-ab.json", scoped)):
         (tmp_path / name).write_text(json.dumps(payload))
     assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"
-    (tmp_path / "2026-04-03-nvidia-h200.json").write_text(json.dumps({"complete": True, "records": []}))
+    (tmp_path / "2026-04-03-nvidia-h200.json").write_text(json.dumps({"complete": True, "records": [],
+                                                                      "argv": ["--time-budget-s", "400"]}))
     assert report.newest_results(tmp_path).name == "2026-04-03-nvidia-h200.json"
 
 

@@ -490,23 +490,6 @@ def test_fused_branches_context_sets_and_restores():
     assert fused_block.enabled is before
 
 
-def test_fused_branch_weight_cast_is_one_multi_tensor_copy():
-    """A fused branch converts its weights and biases with one `torch._foreach_copy_`: each comes back in the
-    branch's dtype with its own values (the conversion is exact rounding, compared bit for bit with `.to`), absent
-    biases stay None, and parameters already in that dtype are passed through without a copy."""
-    from hf_flash_perceiver.fused_block import _cast
-
-    g = torch.Generator().manual_seed(7)
-    w1, b1, w2 = torch.randn(12, 8, generator=g), torch.randn(12, generator=g), torch.randn(8, 12, generator=g)
-    out = _cast(torch.bfloat16, w1, b1, w2, None)
-    assert out[3] is None
-    for src, dst in zip((w1, b1, w2), out[:3]):
-        assert dst.dtype == torch.bfloat16 and dst.shape == src.shape
-        assert torch.equal(dst, src.to(torch.bfloat16))
-    half = [t.to(torch.bfloat16) for t in (w1, b1)]
-    assert all(a is b for a, b in zip(_cast(torch.bfloat16, *half, None), half + [None]))
-
-
 def test_fused_branches_auto_needs_work_per_launch():
     """Under "auto" only branches with at least MIN_WORK = rows x width^2 fuse: below it an eager step is
     bound by launch overhead and the module path is faster. Checked on the meta device (no GPU needed)."""
@@ -515,3 +498,40 @@ def test_fused_branches_auto_needs_work_per_launch():
     assert fused_block.enabled is False  # opt-in for now
     small, large = torch.empty(128 * 256, 256, device="meta"), torch.empty(64 * 512, 1024, device="meta")
     assert small.numel() * 256 < fused_block.MIN_WORK <= large.numel() * 1024
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "sigmoid"])
+def test_gated_mlp_backward_writes_both_halves_without_a_concatenation(activation):
+    """The gated MLP's `value * act(gate)` is one autograd node whose backward fills the gradient of `[value | gate]`
+    in place: the same values as autograd through chunk / activation / product (same ops on the same operands; fp32,
+    compared to 1e-6 to allow another summation order), with no `cat` kernel in backward."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hf_flash_perceiver.layers import _GATE_ACTIVATIONS, PerceiverMLP
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(4)
+    mlp = PerceiverMLP(small_config(gated_mlp=True, mlp_gate_activation=activation), 16)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    dy = torch.randn(3, 5, 16)
+    with Ops() as ops:
+        out = mlp(x)
+        grads = torch.autograd.grad(out, [x, mlp.fc1.weight, mlp.fc1.bias], dy)
+    assert ops.ops["cat"] == 0
+
+    value, gate = mlp.fc1(x).chunk(2, dim=-1)
+    expected = mlp.fc2(value * _GATE_ACTIVATIONS[activation](gate))
+    expected_grads = torch.autograd.grad(expected, [x, mlp.fc1.weight, mlp.fc1.bias], dy)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,155 @@
+"""Projection weights in the autocast dtype, converted by one multi-tensor kernel per block instead of one per tensor.
+
+Under autocast every `nn.Linear` converts its fp32 weight and bias to the half-precision dtype, one cast kernel each,
+and backward converts each gradient back, one more kernel and one more autograd node each: on the latent path of a
+Perceiver (short, narrow matrices, dozens of blocks) these conversions were over a quarter of a training step's
+kernels, and each costs host time. Here a block converts the weights of its projections together
+([`cast_projections`]): one `torch._foreach_copy_` forward, one for the gradients in backward, the gradients coming
+back in the parameters' dtype. [`project`] then calls the projection on those copies; autocast leaves tensors
+already in its dtype alone, so the values are those of the modules under autocast (the same rounding of the same
+weights). Inside [`shared_casts`] (the encoder's forward) a projection that several blocks call (tied layers,
+repeated latent stacks) is converted once per forward, as autocast's own cache does.
+
+Only where it computes the same function: autocast on, a half-precision autocast dtype, plain `nn.Linear` modules
+with parameters of another dtype and no hooks of their own (a PEFT-wrapped or hooked projection is called as a
+module), not under `torch.compile` (Inductor fuses the casts itself) and not in a block under activation
+checkpointing (its recompute in backward runs outside the forward's scope, so it keeps the module path both times).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+# Off switch for comparisons (benchmarks, tests): the module path everywhere when False.
+enabled = True
+
+HALF = (torch.bfloat16, torch.float16)
+
+# The converted `(weight, bias)` of each projection: `_active` is what `project` reads (set by a block while it
+# runs), `_shared` the store kept for a whole forward by `shared_casts`. Context variables, not globals: threads
+# (nn.DataParallel's replicas) each see their own.
+_active: ContextVar[dict[nn.Linear, tuple[Tensor, Tensor | None]] | None] = ContextVar("_active", default=None)
+_shared: ContextVar[dict[bool, dict[nn.Linear, tuple[Tensor, Tensor | None]]] | None] = ContextVar(
+    "_shared", default=None
+)
+
+
+def cast_tensors(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    """`tensors` in `dtype` (None stays None), converted by one multi-tensor kernel rather than one launch each;
+    returned as they are when all already are in `dtype`. Not differentiable: see [`cast_projections`] for that."""
+    present = [t for t in tensors if t is not None]
+    if all(t.dtype == dtype for t in present):
+        return list(tensors)
+    copies = [torch.empty_like(t, dtype=dtype) for t in present]
+    torch._foreach_copy_(copies, present)
+    it = iter(copies)
+    return [None if t is None else next(it) for t in tensors]
+
+
+class _CastParameters(torch.autograd.Function):
+    """Differentiable [`cast_tensors`]: the gradients of the copies come back in each input's dtype, converted
+    together as well."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = [t.dtype for t in tensors]
+        return tuple(cast_tensors(dtype, *tensors))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        keep = [g if g is not None and ctx.needs_input_grad[i + 1] else None for i, g in enumerate(grads)]
+        present = [(i, g) for i, g in enumerate(keep) if g is not None]
+        out: list[Tensor | None] = [None] * len(grads)
+        if present:
+            full = [torch.empty_like(g, dtype=ctx.dtypes[i]) for i, g in present]
+            torch._foreach_copy_(full, [g for _, g in present])
+            for (i, _), f in zip(present, full):
+                out[i] = f
+        return (None, *out)
+
+
+def _target_dtype(x: Tensor) -> torch.dtype | None:
+    if not enabled or torch.compiler.is_compiling():
+        return None
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in HALF else None
+
+
+def _castable(linear: nn.Module, dtype: torch.dtype) -> bool:
+    """A plain `nn.Linear` without hooks (so calling it is exactly `F.linear`) whose parameters autocast would
+    convert to `dtype`."""
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+        return False
+    weight = linear.weight
+    if type(weight) not in (nn.Parameter, Tensor) or weight.dtype == dtype or not weight.is_floating_point():
+        return False
+    return linear.bias is None or type(linear.bias) in (nn.Parameter, Tensor)
+
+
+@contextmanager
+def shared_casts() -> Iterator[None]:
+    """Keep the conversions made by the blocks inside for the whole block of code (one model forward): a projection
+    called by several blocks is converted once. Nested scopes share the outermost one."""
+    if not enabled or torch.compiler.is_compiling() or _shared.get() is not None:
+        yield
+        return
+    token = _shared.set({})
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+@contextmanager
+def cast_projections(linears: Iterable[nn.Module], x: Tensor) -> Iterator[None]:
+    """Within the block, [`project`] calls each of `linears` that qualifies (see the module docstring) on its
+    weight and bias converted to the autocast dtype of `x`'s device, all converted by one differentiable
+    multi-tensor copy (or taken from the enclosing [`shared_casts`] scope)."""
+    dtype = _target_dtype(x)
+    if dtype is None or (_module._global_forward_hooks or _module._global_forward_pre_hooks):
+        yield
+        return
+    # Copies made without grad carry none: a scope keeps one store per grad mode.
+    grad = torch.is_grad_enabled()
+    shared = _shared.get()
+    store = {} if shared is None else shared.setdefault(grad, {})
+    missing = [m for m in dict.fromkeys(linears) if m not in store and _castable(m, dtype)]
+    if missing:
+        params = [p for m in missing for p in (m.weight, m.bias) if p is not None]
+        # Frozen parameters get plain copies: a copy that required grad would make the projection's backward compute
+        # a weight gradient nobody reads.
+        trained = [p for p in params if grad and p.requires_grad]
+        frozen = [p for p in params if not (grad and p.requires_grad)]
+        converted = dict(zip(map(id, trained), _CastParameters.apply(dtype, *trained))) if trained else {}
+        converted.update(zip(map(id, frozen), cast_tensors(dtype, *frozen)))
+        for m in missing:
+            store[m] = (converted[id(m.weight)], None if m.bias is None else converted[id(m.bias)])
+    token = _active.set(store)
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def project(linear: nn.Module, x: Tensor) -> Tensor:
+    """`linear(x)`, on the weights converted by the enclosing [`cast_projections`] when it converted them."""
+    # (Dynamo does not trace context variables; compiled code never converts here.)
+    active = None if torch.compiler.is_compiling() else _active.get()
+    cast = active.get(linear) if active is not None else None
+    if cast is None:
+        return linear(x)
+    return F.linear(x, *cast)
+
+
+__all__ = ["cast_projections", "cast_tensors", "enabled", "project", "shared_casts"]

@@ -1,0 +1,200 @@
+"""Projection weights converted once per block under autocast (weight_cast.py), checked on the CPU's bf16 autocast.
+
+What is exact here: which ops run (counted by a dispatch mode), which parameters get gradients, and the converted
+weights themselves. Outputs and gradients are compared with the module path (autocast converting each weight) to a
+tolerance: both compute the same bf16 GEMMs on the same bf16 weights, but the two paths allocate their copies apart,
+and a CPU's GEMM may round differently with another alignment.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_flash_perceiver import PerceiverModel, weight_cast
+from hf_flash_perceiver.layers import PerceiverBlock
+from hf_flash_perceiver.weight_cast import cast_tensors
+
+from core_common import small_config
+
+# Same bf16 operands on both paths; this covers a GEMM that blocks or accumulates differently, nothing more (a missing
+# bias or a wrong weight is off by O(1)).
+OUT_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+class _Ops(TorchDispatchMode):
+    """Counts aten ops, and the `_to_copy`s whose input is one of `watched` (by storage)."""
+
+    def __init__(self, watched: list[torch.Tensor]):
+        super().__init__()
+        self.ops = Counter()
+        self.watched = {t.untyped_storage().data_ptr() for t in watched}
+        self.param_casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if name == "_to_copy" and isinstance(args[0], torch.Tensor):
+            self.param_casts += args[0].untyped_storage().data_ptr() in self.watched
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _weight_cast(on: bool):
+    before, weight_cast.enabled = weight_cast.enabled, on
+    try:
+        yield
+    finally:
+        weight_cast.enabled = before
+
+
+def _projection_params(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        p for block in model.modules() if isinstance(block, PerceiverBlock)
+        for lin in block.attn.projections() + [block.mlp.fc1, block.mlp.fc2] for p in lin.parameters()
+    ]
+
+
+def _step(model: nn.Module, x: torch.Tensor, on: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Ops]:
+    model.zero_grad(set_to_none=True)
+    with _weight_cast(on), _Ops(_projection_params(model)) as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x).last_hidden_state
+        out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads, ops
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_projections_converted_together_once_per_forward(tied):
+    """Under autocast each block's projection weights and biases are converted by one multi-tensor copy (and their
+    gradients back by one), instead of one cast per tensor each way; blocks that share modules (tied layers, the
+    repeated latent stack) share the conversion. Outputs and gradients are those of the module path."""
+    torch.manual_seed(0)
+    config = small_config(depth=3, weight_tie_layers=tied, latent_stack_repeats=2, latent_qkv_bias=True)
+    model = PerceiverModel(config).train()
+    x = torch.randn(2, 9, config.input_dim)
+
+    out_off, grads_off, ops_off = _step(model, x, on=False)
+    out_on, grads_on, ops_on = _step(model, x, on=True)
+
+    blocks = {id(m) for m in model.modules() if isinstance(m, PerceiverBlock)}
+    assert ops_off.param_casts >= len(_projection_params(model))  # autocast: one cast per weight, at least
+    assert ops_on.param_casts == 0
+    # One copy per distinct block forward (shared modules converted once) and one per block in backward.
+    assert ops_on.ops["_foreach_copy_"] == 2 * len(blocks)
+    assert ops_off.ops["_foreach_copy_"] == 0
+    assert ops_on.ops["_to_copy"] <= ops_off.ops["_to_copy"] - ops_off.param_casts
+
+    torch.testing.assert_close(out_on, out_off, **OUT_TOL)
+    assert grads_on.keys() == grads_off.keys()
+    for name, g in grads_on.items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, grads_off[name], **OUT_TOL, msg=name)
+
+
+def test_frozen_and_hooked_projections_keep_the_module_path():
+    """A frozen projection gets no gradient (and its copy none either); a projection with a forward hook, or a
+    subclass of `nn.Linear` (as PEFT's wrappers are), is called as a module so that its hook or forward runs."""
+    torch.manual_seed(1)
+    config = small_config(depth=1)
+    model = PerceiverModel(config).train()
+    block = model.encoder.self_layers[0][0]
+    block.mlp.fc1.requires_grad_(False)
+    calls = []
+    block.attn.o_proj.register_forward_hook(lambda m, i, o: calls.append("hook"))
+
+    class Wrapped(nn.Linear):
+        def forward(self, x):
+            calls.append("wrapped")
+            return super().forward(x)
+
+    fc2 = Wrapped(block.mlp.fc2.in_features, block.mlp.fc2.out_features)
+    fc2.load_state_dict(block.mlp.fc2.state_dict())
+    block.mlp.fc2 = fc2
+    x = torch.randn(2, 5, config.input_dim)
+
+    out_off, grads_off, _ = _step(model, x, on=False)
+    assert calls == ["hook", "wrapped"]
+    calls.clear()
+    out_on, grads_on, ops = _step(model, x, on=True)
+    assert calls == ["hook", "wrapped"]
+    assert block.mlp.fc1.weight.grad is None and block.mlp.fc1.bias.grad is None
+    assert block.mlp.fc2.weight.grad is not None and block.attn.qkv_proj.weight.grad is not None
+    assert ops.ops["_foreach_copy_"] >= 2  # the other projections were still converted together
+    torch.testing.assert_close(out_on, out_off, **OUT_TOL)
+    assert grads_on.keys() == grads_off.keys()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_keeps_the_module_path_and_the_gradients(reentrant):
+    """A block recomputed under activation checkpointing converts nothing itself (its recompute runs outside the
+    forward's scope): training under autocast gives the gradients of the plain run."""
+    torch.manual_seed(2)
+    config = small_config(depth=2)
+    model = PerceiverModel(config).train()
+    x = torch.randn(2, 7, config.input_dim)
+    _, grads_plain, _ = _step(model, x, on=True)
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed the switch
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    _, grads_ckpt, ops = _step(model, x, on=True)
+    assert ops.ops["_foreach_copy_"] == 0
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for name, g in grads_ckpt.items():
+        torch.testing.assert_close(g, grads_plain[name], **OUT_TOL, msg=name)
+
+
+def test_no_autocast_or_no_grad_paths():
+    """Without autocast nothing is converted; under `no_grad` (inference) the copies are made without autograd."""
+    torch.manual_seed(3)
+    config = small_config(depth=1)
+    model = PerceiverModel(config).eval()
+    x = torch.randn(1, 4, config.input_dim)
+    with _Ops([]) as ops:
+        model(x)
+    assert ops.ops["_foreach_copy_"] == 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _Ops([]) as ops:
+        out = model(x).last_hidden_state
+    assert ops.ops["_foreach_copy_"] > 0 and not out.requires_grad
+
+
+def test_cast_tensors_is_one_multi_tensor_copy():
+    """`cast_tensors` converts weights and biases with one `torch._foreach_copy_`: each comes back in the target
+    dtype with its own values (the conversion is exact rounding, compared bit for bit with `.to`), absent biases stay
+    None, and tensors already in that dtype are passed through without a copy."""
+    g = torch.Generator().manual_seed(7)
+    w1, b1, w2 = torch.randn(12, 8, generator=g), torch.randn(12, generator=g), torch.randn(8, 12, generator=g)
+    with _Ops([]) as ops:
+        out = cast_tensors(torch.bfloat16, w1, b1, w2, None)
+    assert ops.ops["_foreach_copy_"] == 1 and ops.ops["_to_copy"] == 0
+    assert out[3] is None
+    for src, dst in zip((w1, b1, w2), out[:3]):
+        assert dst.dtype == torch.bfloat16 and dst.shape == src.shape
+        assert torch.equal(dst, src.to(torch.bfloat16))
+    half = [t.to(torch.bfloat16) for t in (w1, b1)]
+    assert all(a is b for a, b in zip(cast_tensors(torch.bfloat16, *half, None), half + [None]))
+
+
+def test_shared_scope_keeps_copies_made_without_grad_apart():
+    """Within one scope a projection first converted under `no_grad` (a copy without autograd) is converted again
+    when called with grad, so its gradient still reaches the parameter."""
+    from hf_flash_perceiver.weight_cast import cast_projections, project, shared_casts
+
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with shared_casts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), cast_projections([lin], x):
+            assert not project(lin, x).requires_grad
+        with cast_projections([lin], x):
+            y = project(lin, x)
+    y.float().sum().backward()
+    assert lin.weight.grad is not None and lin.bias.grad is not None
+    torch.testing.assert_close(lin.bias.grad, torch.full((3,), 2.0))  # d(sum)/d(bias) = batch size, exact in bf16
