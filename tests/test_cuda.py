@@ -435,3 +435,48 @@ def test_fused_block_half_weights_inference_checkpointing_and_frozen():
     assert rel_err(out, ref_out) <= BF16_REL_TOL and rel_err(x_grad, ref_x_grad) <= BF16_GRAD_REL_TOL
     for name, ref in ref_grads.items():
         assert grads[name].dtype == torch.bfloat16 and rel_err(grads[name], ref) <= BF16_GRAD_REL_TOL, name
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_block_wise_weight_conversion_on_cuda(seed):
+    """Under bf16 autocast on CUDA, converting each block's projection weights together (the default) gives the
+    outputs and gradients of autocast converting each one (same bf16 operands; the tolerance covers another GEMM
+    blocking only), and launches no per-tensor cast of those weights."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hf_flash_perceiver import weight_cast
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = random_config(seed)
+    model = cuda_model(cfg, "sdpa", seed).train()
+    x = make_inputs(cfg, batch=3, seq=29, seed=seed)
+    x = [t.cuda() for t in x] if isinstance(x, list) else x.cuda()
+    results = {}
+    for on in (False, True):
+        model.zero_grad(set_to_none=True)
+        before, weight_cast.enabled = weight_cast.enabled, on
+        try:
+            with Ops() as ops, torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x).last_hidden_state
+            out.float().square().mean().backward()
+        finally:
+            weight_cast.enabled = before
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[on] = (out.detach().float(), grads, ops.ops)
+    (out_off, grads_off, ops_off), (out_on, grads_on, ops_on) = results[False], results[True]
+    assert ops_on["_foreach_copy_"] > 0 and ops_on["_to_copy"] < ops_off["_to_copy"]
+    assert rel_err(out_on, out_off) < 1e-2
+    assert grads_on.keys() == grads_off.keys()
+    for name, g in grads_on.items():
+        assert g.dtype == torch.float32, name
+        assert rel_err(g, grads_off[name]) < 2e-2 or g.norm() < 1e-6, name
