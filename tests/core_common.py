@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (`ops["cat"]`): what a kernel count follows, on any device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 CPU_BACKENDS = ["eager", "sdpa", "varlen"]  # varlen runs SDPA off CUDA; the CUDA varlen kernel is in test_cuda.py

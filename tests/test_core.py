@@ -15,7 +15,7 @@ from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 from hf_flash_perceiver.attention_backends import KeyPaddingMask, attention
 from hf_flash_perceiver.input_preparation import prepare_inputs
 
-from core_common import CPU_BACKENDS, FP32_TOL, build, make_inputs, random_config, small_config
+from core_common import CPU_BACKENDS, FP32_TOL, OpCounter, build, make_inputs, random_config, small_config
 from heads_common import assert_close_outputs, assert_same_weights, assert_same_weights_and_close_outputs
 from reference import reference_forward
 
@@ -505,26 +505,13 @@ def test_gated_mlp_backward_writes_both_halves_without_a_concatenation(activatio
     """The gated MLP's `value * act(gate)` is one autograd node whose backward fills the gradient of `[value | gate]`
     in place: the same values as autograd through chunk / activation / product (same ops on the same operands; fp32,
     compared to 1e-6 to allow another summation order), with no `cat` kernel in backward."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from hf_flash_perceiver.layers import _GATE_ACTIVATIONS, PerceiverMLP
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(4)
     mlp = PerceiverMLP(small_config(gated_mlp=True, mlp_gate_activation=activation), 16)
     x = torch.randn(3, 5, 16, requires_grad=True)
     dy = torch.randn(3, 5, 16)
-    with Ops() as ops:
+    with OpCounter() as ops:
         out = mlp(x)
         grads = torch.autograd.grad(out, [x, mlp.fc1.weight, mlp.fc1.bias], dy)
     assert ops.ops["cat"] == 0

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from hf_flash_perceiver import PerceiverModel
 
 from reference import reference_forward
-from core_common import build, make_inputs, random_config, small_config
+from core_common import OpCounter, build, make_inputs, random_config, small_config
 
 
 pytestmark = pytest.mark.cuda
@@ -442,20 +442,7 @@ def test_block_wise_weight_conversion_on_cuda(seed):
     """Under bf16 autocast on CUDA, converting each block's projection weights together (the default) gives the
     outputs and gradients of autocast converting each one (same bf16 operands; the tolerance covers another GEMM
     blocking only), and launches no per-tensor cast of those weights."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from hf_flash_perceiver import weight_cast
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     cfg = random_config(seed)
     model = cuda_model(cfg, "sdpa", seed).train()
@@ -466,7 +453,7 @@ def test_block_wise_weight_conversion_on_cuda(seed):
         model.zero_grad(set_to_none=True)
         before, weight_cast.enabled = weight_cast.enabled, on
         try:
-            with Ops() as ops, torch.autocast("cuda", dtype=torch.bfloat16):
+            with OpCounter() as ops, torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x).last_hidden_state
             out.float().square().mean().backward()
         finally:

@@ -8,40 +8,35 @@ and a CPU's GEMM may round differently with another alignment.
 
 from __future__ import annotations
 
-from collections import Counter
 from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_flash_perceiver import PerceiverModel, weight_cast
 from hf_flash_perceiver.layers import PerceiverBlock
 from hf_flash_perceiver.weight_cast import cast_tensors
 
-from core_common import small_config
+from core_common import OpCounter, small_config
 
 # Same bf16 operands on both paths; this covers a GEMM that blocks or accumulates differently, nothing more (a missing
 # bias or a wrong weight is off by O(1)).
 OUT_TOL = dict(rtol=2e-2, atol=2e-2)
 
 
-class _Ops(TorchDispatchMode):
+class _Ops(OpCounter):
     """Counts aten ops, and the `_to_copy`s whose input is one of `watched` (by storage)."""
 
     def __init__(self, watched: list[torch.Tensor]):
         super().__init__()
-        self.ops = Counter()
         self.watched = {t.untyped_storage().data_ptr() for t in watched}
         self.param_casts = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.ops[name] += 1
-        if name == "_to_copy" and isinstance(args[0], torch.Tensor):
+        if func.overloadpacket.__name__ == "_to_copy" and isinstance(args[0], torch.Tensor):
             self.param_casts += args[0].untyped_storage().data_ptr() in self.watched
-        return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 @contextmanager
