@@ -6,6 +6,8 @@ class through `from_pretrained` (the transformers-format conversion), so both ru
     python benchmarks/pretrained_shapes.py --smoke        # the same code on CPU at tiny shapes (no timing meaning)
     python benchmarks/pretrained_shapes.py --fused-branches   # also this package under the opt-in fused branches
     python benchmarks/pretrained_shapes.py --autocast-casts   # also with autocast converting each weight (A/B)
+    python benchmarks/pretrained_shapes.py --compile      # also both compiled: torch.compile, and this package
+                                                          # compiled with CUDA graphs (mode="reduce-overhead")
 
 Shapes (transformers' defaults / the Hub configs): `vision-learned` = deepmind/vision-perceiver-learned (224x224
 pixels -> 50 176 inputs of width 512 through a 1x1 conv + learned positions, 512 latents x 1024, one cross-attention
@@ -15,9 +17,10 @@ masked-LM decoder). The checkpoints' own attention dropout (0.1) is kept: this i
 
 Each record: a bf16-autocast training step (fp32 weights; zero_grad, forward with labels, the model's own loss,
 backward; no optimizer step) and an inference forward (no_grad), medians of `--iters` after `--warmup`, CUDA events,
-with the peak memory of the training steps, side by side in one process. Results go to
-`<out-dir>/<YYYY-MM-DD>-<card>-pretrained-shapes.json` (`--out-dir` defaults to `benchmarks/results/` on a GPU run,
-a temporary folder for `--smoke`).
+with the peak memory of the training steps (warm-up included: for a compiled variant that is where the CUDA graphs
+are recorded, the only step whose allocations the allocator sees), side by side in one process.
+Results go to `<out-dir>/<YYYY-MM-DD>-<card>-pretrained-shapes.json` (`--out-dir` defaults to `benchmarks/results/`
+on a GPU run, a temporary folder for `--smoke`).
 """
 
 from __future__ import annotations
@@ -118,12 +121,36 @@ def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
 
     model.train()
     if use_cuda:
+        # Before the warm-up: a CUDA-graph replay allocates nothing, so only the recording step (in the warm-up)
+        # shows the allocator a compiled step's activations.
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     train_ms = timed(train)
     peak = torch.cuda.max_memory_allocated() / GIB if use_cuda else None
     train_stats = {f"train_{k}": v for k, v in step_stats(train, device, iters).items()}
     model.eval()
     return {"train_ms": train_ms, "train_peak_gib": peak, **train_stats, "infer_ms": timed(infer)}
+
+
+def add_ratios(record: dict) -> None:
+    """Each variant's training speedup over transformers' eager step (`<variant>_train_speedup`), and for this
+    package's eager model the inference speedup and the peak-memory ratio as well."""
+    ref = record.get("transformers", {})
+    if "train_ms" not in ref:
+        return
+    for impl, result in list(record.items()):
+        if not isinstance(result, dict) or impl == "transformers" or not result.get("train_ms"):
+            continue
+        if impl == "hf-flash-perceiver":
+            record["train_speedup"] = ref["train_ms"] / result["train_ms"]
+            record["infer_speedup"] = ref["infer_ms"] / result["infer_ms"]
+            if result["train_peak_gib"]:
+                record["train_memory_ratio"] = ref["train_peak_gib"] / result["train_peak_gib"]
+        else:
+            key = impl.removeprefix("hf-flash-perceiver+").replace("-", "_").replace("+", "_")
+            record[f"{key}_train_speedup"] = ref["train_ms"] / result["train_ms"]
+            if result.get("train_peak_gib"):
+                record[f"{key}_train_memory_ratio"] = ref["train_peak_gib"] / result["train_peak_gib"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,6 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time this package's model with weight_cast.enabled = False (autocast converting "
                              "each weight and gradient on its own, the path before block-wise conversion), as the "
                              "record's 'hf-flash-perceiver+autocast-casts'")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models under torch.compile ('transformers+compile', "
+                             "'hf-flash-perceiver+compile') and this package's with CUDA graphs "
+                             "('hf-flash-perceiver+compile-cudagraphs', mode='reduce-overhead')")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated records not to run (e.g. 'hf-flash-perceiver+compile' to save its "
+                             "compilation time); ratios need the 'transformers' record")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
@@ -166,35 +200,41 @@ def main(argv: list[str] | None = None) -> dict:
         kw_theirs, kw_ours = batch_for(name, size, batch, config, device)
         record = {"shape": name, "input_size": size,
                   "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
-        # (impl, model, inputs, fused branches, block-wise weight conversion)
-        runs = [("transformers", theirs, kw_theirs, False, True), ("hf-flash-perceiver", ours, kw_ours, False, True)]
+        # (impl, model, inputs, fused branches, block-wise weight conversion, torch.compile mode or None)
+        runs = [("transformers", theirs, kw_theirs, False, True, None),
+                ("hf-flash-perceiver", ours, kw_ours, False, True, None)]
         if args.fused_branches:
-            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True))
+            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True, None))
         if args.autocast_casts:
-            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False))
-        for impl, model, kwargs, fused, cast in runs:
+            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False, None))
+        if args.compile:
+            runs += [("transformers+compile", theirs, kw_theirs, False, True, "default"),
+                     ("hf-flash-perceiver+compile", ours, kw_ours, False, True, "default"),
+                     ("hf-flash-perceiver+compile-cudagraphs", ours, kw_ours, False, True, "reduce-overhead")]
+        for impl, model, kwargs, fused, cast, mode in runs:
+            if impl in args.skip.split(","):
+                continue
             model.to(device)
             previous, weight_cast.enabled = weight_cast.enabled, cast
             try:
                 with fused_branches(fused):
-                    record[impl] = measure(model, kwargs, device, args.warmup, args.iters)
+                    runner = model if mode is None else torch.compile(model, mode=mode)
+                    record[impl] = measure(runner, kwargs, device, args.warmup, args.iters)
+            except Exception as exc:  # one variant failing (a compiler error) must not lose the others
+                record[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             finally:
                 weight_cast.enabled = previous
+                runner = None
+            # Under CUDA graphs the gradients live in the graphs' memory pool: drop them before moving the model.
+            model.zero_grad(set_to_none=True)
+            if mode is not None:
+                torch._dynamo.reset()
+            write_json(path, {**payload, "records": [*payload["records"], record]})  # a cut run keeps its records
             model.to("cpu")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        ref, new = record["transformers"], record["hf-flash-perceiver"]
-        record["train_speedup"] = ref["train_ms"] / new["train_ms"]
-        record["infer_speedup"] = ref["infer_ms"] / new["infer_ms"]
-        if new["train_peak_gib"]:
-            record["train_memory_ratio"] = ref["train_peak_gib"] / new["train_peak_gib"]
-        if args.fused_branches:
-            record["fused_branches_train_speedup"] = (
-                ref["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
-        if args.autocast_casts:
-            record["autocast_casts_train_speedup"] = (
-                ref["train_ms"] / record["hf-flash-perceiver+autocast-casts"]["train_ms"])
+        add_ratios(record)
         payload["records"].append(record)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}, flush=True)
         write_json(path, payload)

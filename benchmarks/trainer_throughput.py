@@ -9,7 +9,8 @@ A `PerceiverForSequenceClassification` of the seed configuration (depth 8 x (cro
 user's `Trainer` run does it: `bf16=True` autocast with fp32 weights, AdamW, gradient clipping at 1.0, the dataloader
 (pinned memory, host-to-device copies of every batch) and the loss the model returns. The record is samples/s over
 the steps after `--warmup` (the clock starts and stops with a device synchronisation), for each `--impls` entry --
-`eager` (what `Trainer` runs by default) and `torch_compile` (`TrainingArguments(torch_compile=True)`) -- and each
+`eager` (what `Trainer` runs by default), `torch_compile` (`TrainingArguments(torch_compile=True)`) and
+`torch_compile_cudagraphs` (`torch_compile=True, torch_compile_mode="reduce-overhead"`: CUDA graphs too) -- and each
 `--workers` count (`dataloader_num_workers`: 0 is Trainer's default, where the main process collates and pins every
 batch between steps; 4 persistent workers prepare them alongside). Results go to
 `<out-dir>/<YYYY-MM-DD>-<card>-trainer.json` (`benchmarks/results/` on a GPU run, a temporary folder for `--smoke`).
@@ -74,6 +75,10 @@ def _clock(use_cuda: bool, warmup: int):
     return Clock()
 
 
+# impl -> TrainingArguments.torch_compile_mode (None: torch.compile's default) for the compiled impls.
+COMPILE_MODES = {"torch_compile": None, "torch_compile_cudagraphs": "reduce-overhead"}
+
+
 def run_one(impl: str, workers: int, args, device: torch.device, workdir: Path) -> dict:
     from transformers import Trainer, TrainingArguments
 
@@ -86,7 +91,8 @@ def run_one(impl: str, workers: int, args, device: torch.device, workdir: Path) 
     use_cuda = device.type == "cuda"
     training = TrainingArguments(
         output_dir=str(workdir / f"{impl}-{workers}"), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
-        learning_rate=1e-4, max_grad_norm=1.0, bf16=use_cuda, torch_compile=impl == "torch_compile",
+        learning_rate=1e-4, max_grad_norm=1.0, bf16=use_cuda, torch_compile=impl in COMPILE_MODES,
+        torch_compile_mode=COMPILE_MODES.get(impl),
         use_cpu=not use_cuda, dataloader_pin_memory=use_cuda, dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0, logging_steps=10**6, save_strategy="no",
         report_to=[], disable_tqdm=True, seed=0,
@@ -113,7 +119,9 @@ def run_one(impl: str, workers: int, args, device: torch.device, workdir: Path) 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the harness)")
-    parser.add_argument("--impls", default=None, help="comma-separated: eager,torch_compile (smoke: eager)")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated, of eager,torch_compile,torch_compile_cudagraphs (default: all; "
+                             "smoke: eager)")
     parser.add_argument("--workers", default=None, help="comma-separated dataloader workers (0,4; smoke: 0)")
     parser.add_argument("--n", type=int, default=None, help="tokens per sample (4096; 32 with --smoke)")
     parser.add_argument("--batch", type=int, default=None, help="per-device batch (128; 4 with --smoke)")
@@ -128,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (4 if small else 128)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 10)
     args.steps = args.steps or (2 if small else 40)
-    impls = (args.impls or ("eager" if small else "eager,torch_compile")).split(",")
+    impls = (args.impls or ("eager" if small else "eager,torch_compile,torch_compile_cudagraphs")).split(",")
+    unknown = [impl for impl in impls if impl != "eager" and impl not in COMPILE_MODES]
+    if unknown:
+        parser.error(f"unknown --impls {unknown}; expected of {['eager', *COMPILE_MODES]}")
     workers = [int(w) for w in (args.workers or ("0" if small else "0,4")).split(",")]
     device = torch.device("cpu" if small else "cuda")
     card = card_name(device)

@@ -350,6 +350,32 @@ def test_pretrained_shapes_smoke(tmp_path):
     assert json.loads(written.read_text())["records"] == payload["records"]
 
 
+def test_pretrained_shapes_ratios_per_variant():
+    # Every variant gets its speedup (and memory ratio) over transformers' eager step; a failed variant gets none.
+    pretrained = _load("pretrained_shapes")
+    record = {
+        "shape": "language",
+        "transformers": {"train_ms": 90.0, "infer_ms": 30.0, "train_peak_gib": 8.0},
+        "hf-flash-perceiver": {"train_ms": 60.0, "infer_ms": 20.0, "train_peak_gib": 5.0},
+        "transformers+compile": {"train_ms": 45.0, "infer_ms": 15.0, "train_peak_gib": 6.0},
+        "hf-flash-perceiver+compile-cudagraphs": {"train_ms": 30.0, "infer_ms": 10.0, "train_peak_gib": 4.0},
+        "hf-flash-perceiver+compile": {"error": "BackendCompilerFailed: ..."},
+    }
+    pretrained.add_ratios(record)
+    assert record["train_speedup"] == pytest.approx(1.5) and record["infer_speedup"] == pytest.approx(1.5)
+    assert record["train_memory_ratio"] == pytest.approx(1.6)
+    assert record["compile_cudagraphs_train_speedup"] == pytest.approx(3.0)
+    assert record["compile_cudagraphs_train_memory_ratio"] == pytest.approx(2.0)
+    assert record["transformers_compile_train_speedup"] == pytest.approx(2.0)
+    assert not any(key.startswith("compile_train") for key in record)
+
+
+def test_trainer_throughput_refuses_unknown_impl():
+    trainer = _load("trainer_throughput")
+    with pytest.raises(SystemExit):
+        trainer.main(["--smoke", "--impls", "eager,torch_compile_fast"])
+
+
 def test_trainer_throughput_smoke(tmp_path):
     # Trainer.train itself (optimizer, clipping, dataloader) timed over the steps after warm-up, one JSON.
     trainer = _load("trainer_throughput")

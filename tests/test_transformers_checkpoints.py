@@ -444,6 +444,28 @@ def test_trainer_fine_tunes_a_converted_classifier(name, tmp_path):
     assert "head.classifier.weight" in changed and any(k.startswith("perceiver.encoder.") for k in changed)
 
 
+@pytest.mark.parametrize("variant", ["small", "qk_v"])
+@pytest.mark.parametrize("name", ["masked_lm", "learned"])
+def test_converted_training_step_traces_as_one_graph(name, variant, tmp_path):
+    # The fine-tuning fast path (Trainer's torch_compile, with CUDA graphs in "reduce-overhead" mode) needs the whole
+    # training forward, loss included, in one graph: a graph break would split it into pieces replayed separately.
+    row = ROWS[name]
+    make_source(row, variant, tmp_path / "src", attention_probs_dropout_prob=0.1)
+    model = load(row, tmp_path / "src").train()
+    inputs = make_inputs(row, source_config(variant))
+    if row.kind == "mlm":
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    else:
+        inputs["labels"] = torch.tensor([0, 2])
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(model)(**inputs)
+    finally:
+        torch._dynamo.reset()
+    reasons = sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons})
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, reasons
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
