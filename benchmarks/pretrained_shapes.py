@@ -220,8 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
                 with fused_branches(fused):
                     runner = model if mode is None else torch.compile(model, mode=mode)
                     record[impl] = measure(runner, kwargs, device, args.warmup, args.iters)
-            except Exception as exc:  # one variant failing (a compiler error) must not lose the others
+            except Exception as exc:
+                if mode is None:
+                    raise
+                # A compiler error in one compiled variant must not lose the eager records and the other variants.
                 record[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                print(f"{name} {impl} failed: {record[impl]['error']}", file=sys.stderr, flush=True)
             finally:
                 weight_cast.enabled = previous
                 runner = None

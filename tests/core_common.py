@@ -23,6 +23,17 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def graph_breaks(model, *args, **kwargs) -> str:
+    """`"<n> graph break(s): [reasons]"` of dynamo tracing `model(*args, **kwargs)` (no compilation: seconds)."""
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(model)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    reasons = sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons})
+    return f"{explanation.graph_break_count} graph break(s): {reasons}"
+
+
 CPU_BACKENDS = ["eager", "sdpa", "varlen"]  # varlen runs SDPA off CUDA; the CUDA varlen kernel is in test_cuda.py
 FP32_TOL = 1e-5  # CPU fp32 vs the fp32 reference: only summation order differs
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core_common import graph_breaks
 from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
 
@@ -18,13 +19,6 @@ FP32_TOL = 1e-5
 def tiny_config(**kw) -> PerceiverConfig:
     return PerceiverConfig(input_dim=8, depth=2, num_latents=4, latent_dim=16, cross_heads=1, cross_head_dim=8,
                            latent_heads=2, latent_head_dim=8, **kw)
-
-
-def graph_breaks(model, *args, **kwargs) -> str:
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(*args, **kwargs)
-    reasons = sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons})
-    return f"{explanation.graph_break_count} graph break(s): {reasons}"
 
 
 def train_outputs(run, model, x, mask):
