@@ -65,24 +65,31 @@ class HFFlashPerceiver(nn.Module):
     """Our `PerceiverModel` (or its `torch.compile` wrapper, which shares its parameters) behind the common
     `forward(inputs, mask)`; `fused_branches` is the `fused_block.enabled` setting its forwards run under (the
     package's default, the module path, when False), `weight_cast` the `weight_cast.enabled` one (the default, True:
-    a block's projection weights converted together under autocast; False: autocast converting each)."""
+    a block's projection weights converted together under autocast; False: autocast converting each),
+    `activation_kernels` the `fused_activation.enabled` one (the default, True: the MLP activation as Triton kernels on
+    CUDA; False: PyTorch's ops). Compiled models read the settings when traced, and are retraced when they change."""
 
-    def __init__(self, model: nn.Module, fused_branches: bool | str = False, weight_cast: bool = True):
+    def __init__(self, model: nn.Module, fused_branches: bool | str = False, weight_cast: bool = True,
+                 activation_kernels: bool = True):
         super().__init__()
         self.model = model
         self.fused_branches = fused_branches
-        self.weight_cast = weight_cast
+        self.switches = {"weight_cast": weight_cast, "fused_activation": activation_kernels}
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
-        from hf_flash_perceiver import weight_cast
+        from hf_flash_perceiver import fused_activation, weight_cast
         from hf_flash_perceiver.fused_block import fused_branches
 
-        previous, weight_cast.enabled = weight_cast.enabled, self.weight_cast
+        modules = {"weight_cast": weight_cast, "fused_activation": fused_activation}
+        previous = {name: module.enabled for name, module in modules.items()}
         try:
+            for name, module in modules.items():
+                module.enabled = self.switches[name]
             with fused_branches(self.fused_branches):
                 return self.model(inputs, attention_mask=mask).last_hidden_state
         finally:
-            weight_cast.enabled = previous
+            for name, module in modules.items():
+                module.enabled = previous[name]
 
 
 def flash_attn_4_available() -> bool:
@@ -108,10 +115,12 @@ def build_ours(
     gradient_checkpointing: bool = False,
     fused_branches: bool | str = False,
     weight_cast: bool = True,
+    activation_kernels: bool = True,
 ) -> HFFlashPerceiver:
     """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode, its forwards run with the
-    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`) and the block-wise weight
-    conversion to `weight_cast` (`hf_flash_perceiver.weight_cast`)."""
+    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`), the block-wise weight
+    conversion to `weight_cast` (`hf_flash_perceiver.weight_cast`) and the MLP activation kernels to
+    `activation_kernels` (`hf_flash_perceiver.fused_activation`)."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
     config = PerceiverConfig(**shape.as_dict(), cross_attention_checkpointing=cross_attention_checkpointing)
@@ -123,7 +132,7 @@ def build_ours(
         enable()
     model.train()
     return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model,
-                            fused_branches, weight_cast)
+                            fused_branches, weight_cast, activation_kernels)
 
 
 # ---------------------------------------------------------------------------------------------------- peers

@@ -140,6 +140,10 @@ IMPLS: dict[str, ImplSpec] = {
     "hf-flash-perceiver+autocast-casts": ImplSpec(
         ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", weight_cast=False)
     ),
+    # The default path with the MLP activation in PyTorch ops instead of its Triton kernels (same run, for the A/B).
+    "hf-flash-perceiver+torch-activation": ImplSpec(
+        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", activation_kernels=False)
+    ),
     "hf-flash-perceiver+flash-attn": ImplSpec(
         ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "flash_attention_2"),
         unavailable=_needs(flash_attn_2_available, "flash-attn (flash_attn) is not installed"),
@@ -154,6 +158,9 @@ IMPLS: dict[str, ImplSpec] = {
     ),
     "hf-flash-perceiver+compile": ImplSpec(
         ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", compile=True), compile=True
+    ),
+    "hf-flash-perceiver+compile+torch-activation": ImplSpec(
+        ("seed", "large"), lambda s, a: build_ours(s, "sdpa", compile=True, activation_kernels=False), compile=True
     ),
     # CUDA graphs on top of compile: the eager step is CPU-bound at these sizes (launch overhead), graphs remove it.
     "hf-flash-perceiver+compile-cudagraphs": ImplSpec(
@@ -650,6 +657,9 @@ def notes_for(ctx: Context) -> list[str]:
         "hf-flash-perceiver+autocast-casts: hf_flash_perceiver.weight_cast.enabled = False, the default path as it "
         "was before blocks converted their projection weights together: autocast converts each weight and each "
         "gradient on its own (off autocast, and under torch.compile, both are the same).",
+        "hf-flash-perceiver+torch-activation / +compile+torch-activation: hf_flash_perceiver.fused_activation.enabled "
+        "= False, the MLP activation in PyTorch ops (as before its Triton kernels; Inductor fuses those ops when "
+        "compiled) instead of one Triton kernel forward and one backward (off CUDA both are the same).",
         "masked: random lengths uniform in [n/4, n] per sample (bool mask), each impl also timed on the same padded "
         "batch without a mask (masked: false); valid_fraction is the share of real tokens.",
     ]

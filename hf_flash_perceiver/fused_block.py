@@ -25,11 +25,9 @@ from torch import Tensor, nn
 
 from .attention_backends import CUDNN_AVAILABLE
 from .cross_attention import _fused_backward, _fused_forward
+from .fused_activation import activation_backward, activation_forward
 from .fused_norm import norm_backward, norm_forward, triton
 from .weight_cast import cast_tensors
-
-if triton is not None:
-    import triton.language as tl
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
 # module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
@@ -46,7 +44,6 @@ enabled: bool | str = False
 MIN_WORK = 2**32
 
 HALF = (torch.bfloat16, torch.float16)
-_ACTIVATIONS = {"gelu": 0, "silu": 1, "sigmoid": 2}
 
 
 @contextmanager
@@ -231,94 +228,6 @@ def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype
         x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps, gate,
         residual, dtype,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- activation
-
-_ACT_BLOCK = 1024
-
-
-def activation_forward(pre: Tensor, gate: str | None) -> Tensor:
-    """`value * act(gate)` of `pre = [value | gate]` (gated), else exact GELU of `pre`."""
-    rows, width = pre.shape
-    hidden = width // 2 if gate is not None else width
-    out = torch.empty((rows, hidden), dtype=pre.dtype, device=pre.device)
-    total = rows * hidden
-    _activation_forward[(triton.cdiv(total, _ACT_BLOCK),)](
-        pre, out, total, hidden, width, GATED=gate is not None, ACT=_ACTIVATIONS[gate or "gelu"], BLOCK=_ACT_BLOCK,
-    )
-    return out
-
-
-def activation_backward(d_out: Tensor, pre: Tensor, gate: str | None) -> Tensor:
-    rows, width = pre.shape
-    hidden = d_out.shape[1]
-    if d_out.stride(-1) != 1 or d_out.stride(0) != hidden:
-        d_out = d_out.contiguous()
-    d_pre = torch.empty_like(pre)
-    total = rows * hidden
-    _activation_backward[(triton.cdiv(total, _ACT_BLOCK),)](
-        d_out, pre, d_pre, total, hidden, width, GATED=gate is not None, ACT=_ACTIVATIONS[gate or "gelu"],
-        BLOCK=_ACT_BLOCK,
-    )
-    return d_pre
-
-
-if triton is not None:
-
-    @triton.jit
-    def _act(x, ACT: tl.constexpr):
-        if ACT == 0:
-            return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-        elif ACT == 1:
-            return x * tl.sigmoid(x)
-        else:
-            return tl.sigmoid(x)
-
-    @triton.jit
-    def _act_grad(x, ACT: tl.constexpr):
-        if ACT == 0:
-            cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-            return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-        elif ACT == 1:
-            s = tl.sigmoid(x)
-            return s * (1.0 + x * (1.0 - s))
-        else:
-            s = tl.sigmoid(x)
-            return s * (1.0 - s)
-
-    @triton.jit
-    def _activation_forward(Pre, Out, total, hidden, width, GATED: tl.constexpr, ACT: tl.constexpr,
-                            BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < total
-        row = i // hidden
-        col = i % hidden
-        if GATED:
-            value = tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(Pre + row * width + hidden + col, mask=ok, other=0.0).to(tl.float32)
-            y = value * _act(g, ACT)
-        else:
-            y = _act(tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32), ACT)
-        tl.store(Out + i, y.to(Out.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _activation_backward(DOut, Pre, DPre, total, hidden, width, GATED: tl.constexpr, ACT: tl.constexpr,
-                             BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < total
-        row = i // hidden
-        col = i % hidden
-        dy = tl.load(DOut + i, mask=ok, other=0.0).to(tl.float32)
-        if GATED:
-            value = tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(Pre + row * width + hidden + col, mask=ok, other=0.0).to(tl.float32)
-            tl.store(DPre + row * width + col, (dy * _act(g, ACT)).to(DPre.dtype.element_ty), mask=ok)
-            tl.store(DPre + row * width + hidden + col, (dy * value * _act_grad(g, ACT)).to(DPre.dtype.element_ty),
-                     mask=ok)
-        else:
-            x = tl.load(Pre + row * width + col, mask=ok, other=0.0).to(tl.float32)
-            tl.store(DPre + row * width + col, (dy * _act_grad(x, ACT)).to(DPre.dtype.element_ty), mask=ok)
 
 
 __all__ = ["fused_dtype", "mlp_branch", "mlp_fits", "self_attention_branch", "self_attention_fits"]

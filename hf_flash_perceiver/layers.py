@@ -12,6 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .attention_backends import KeyPaddingMask, attention, is_wide_head
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
+from .fused_activation import gated_activation
 from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
 from .weight_cast import cast_projections, project
 
@@ -57,39 +58,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
 
 
-_GATE_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid}
-
-
-class _GatedActivation(torch.autograd.Function):
-    """`value * act(gate)` of `h = [value | gate]` (split on the last axis), as one autograd node whose backward
-    writes both halves' gradients straight into one tensor: autograd would run the product, the activation and the
-    split as three nodes and concatenate the halves' gradients, one more kernel per MLP."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, name: str) -> Tensor:
-        value, gate = h.chunk(2, dim=-1)
-        act = _GATE_ACTIVATIONS[name](gate)
-        ctx.save_for_backward(value, gate, act)
-        ctx.name = name
-        return value * act
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
-        value, gate, act = ctx.saved_tensors
-        half = value.shape[-1]
-        d_h = torch.empty((*dy.shape[:-1], 2 * half), dtype=value.dtype, device=dy.device)
-        torch.mul(dy, act, out=d_h[..., :half])
-        d_act, d_gate = dy * value, d_h[..., half:]
-        if ctx.name == "gelu":
-            torch.ops.aten.gelu_backward.grad_input(d_act, gate, grad_input=d_gate)
-        elif ctx.name == "silu":
-            torch.ops.aten.silu_backward.grad_input(d_act, gate, grad_input=d_gate)
-        else:
-            torch.ops.aten.sigmoid_backward.grad_input(d_act, act, grad_input=d_gate)
-        return d_h, None
-
-
 class PerceiverMLP(nn.Module):
     """GELU MLP, or a gated MLP (`fc1` emits value and gate halves: `fc2(value * act(gate))`).
 
@@ -105,19 +73,12 @@ class PerceiverMLP(nn.Module):
             hidden = config.mlp_hidden_size or int(round(dim * config.mlp_ratio))
         self.gated = config.gated_mlp
         self.gate_activation_name = config.mlp_gate_activation
-        self.gate_activation = _GATE_ACTIVATIONS[config.mlp_gate_activation]
         self.fc1 = nn.Linear(dim, 2 * hidden if self.gated else hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         h = project(self.fc1, x)
-        if self.gated and not torch.compiler.is_compiling():
-            h = _GatedActivation.apply(h, self.gate_activation_name)
-        elif self.gated:  # Inductor fuses the three ops into one kernel, backward included
-            value, gate = h.chunk(2, dim=-1)
-            h = value * self.gate_activation(gate)
-        else:
-            h = F.gelu(h)
+        h = gated_activation(h, self.gate_activation_name) if self.gated else F.gelu(h)
         return project(self.fc2, h)
 
 

@@ -21,7 +21,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # Everything except the compiled variant (tests/test_compile.py covers compilation; a CPU compile costs ~20 s) and
 # the optional flash-attn kernels (CUDA only).
 SMOKE_IMPLS = ("hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,hf-flash-perceiver+varlen,"
-               "hf-flash-perceiver+fused-branches,hf-flash-perceiver+autocast-casts,perceiver-pytorch,"
+               "hf-flash-perceiver+fused-branches,hf-flash-perceiver+autocast-casts,hf-flash-perceiver+torch-activation,"
+               "perceiver-pytorch,"
                "transformers-perceiver")
 HAS_PERCEIVER_PYTORCH = importlib.util.find_spec("perceiver_pytorch") is not None
 
@@ -85,13 +86,16 @@ def test_smoke_writes_the_documented_schema(smoke_run):
     assert {r["impl"] for r in _measured(records, config="seed")} >= {"hf-flash-perceiver",
                                                                      "hf-flash-perceiver+xattn-ckpt",
                                                                      "hf-flash-perceiver+fused-branches",
-                                                                     "hf-flash-perceiver+autocast-casts"}
+                                                                     "hf-flash-perceiver+autocast-casts",
+                                                                     "hf-flash-perceiver+torch-activation"}
     assert {r["impl"] for r in _measured(records, config="io")} == {"hf-flash-perceiver", "transformers-perceiver",
                                                                    "hf-flash-perceiver+fused-branches",
-                                                                   "hf-flash-perceiver+autocast-casts"}
+                                                                   "hf-flash-perceiver+autocast-casts",
+                                                                   "hf-flash-perceiver+torch-activation"}
     assert {r["impl"] for r in _measured(records, config="large")} == {"hf-flash-perceiver",
                                                                       "hf-flash-perceiver+fused-branches",
-                                                                      "hf-flash-perceiver+autocast-casts"}
+                                                                      "hf-flash-perceiver+autocast-casts",
+                                                                      "hf-flash-perceiver+torch-activation"}
     for impl in ("hf-flash-perceiver", "hf-flash-perceiver+varlen", "hf-flash-perceiver+fused-branches"):
         pair = _measured(records, config="masked", impl=impl)
         assert sorted(r["masked"] for r in pair) == [False, True]

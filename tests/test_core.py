@@ -505,7 +505,8 @@ def test_gated_mlp_backward_writes_both_halves_without_a_concatenation(activatio
     """The gated MLP's `value * act(gate)` is one autograd node whose backward fills the gradient of `[value | gate]`
     in place: the same values as autograd through chunk / activation / product (same ops on the same operands; fp32,
     compared to 1e-6 to allow another summation order), with no `cat` kernel in backward."""
-    from hf_flash_perceiver.layers import _GATE_ACTIVATIONS, PerceiverMLP
+    from hf_flash_perceiver.fused_activation import GATE_ACTIVATIONS
+    from hf_flash_perceiver.layers import PerceiverMLP
 
     torch.manual_seed(4)
     mlp = PerceiverMLP(small_config(gated_mlp=True, mlp_gate_activation=activation), 16)
@@ -517,7 +518,7 @@ def test_gated_mlp_backward_writes_both_halves_without_a_concatenation(activatio
     assert ops.ops["cat"] == 0
 
     value, gate = mlp.fc1(x).chunk(2, dim=-1)
-    expected = mlp.fc2(value * _GATE_ACTIVATIONS[activation](gate))
+    expected = mlp.fc2(value * GATE_ACTIVATIONS[activation](gate))
     expected_grads = torch.autograd.grad(expected, [x, mlp.fc1.weight, mlp.fc1.bias], dy)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     for g, e in zip(grads, expected_grads):

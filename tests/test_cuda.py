@@ -322,6 +322,72 @@ def test_fused_layer_norm_matches_pytorch(width, case):
         assert (got.float() - want).abs().max().item() <= rtol * scale, (case, width)
 
 
+# The MLP activation as Triton kernels (fused_activation.py): computed in fp32 and rounded once to the output dtype,
+# so within one bf16 rounding (2**-8 relative; 2**-7 allowed) of the fp32 PyTorch activation in bf16, and within fp32
+# rounding of it in fp32 (erf / exp implementations differ in the last bits).
+def _gated_reference(h, name):
+    from hf_flash_perceiver.fused_activation import GATE_ACTIVATIONS
+
+    value, gate = h.float().chunk(2, dim=-1)
+    return value * GATE_ACTIVATIONS[name](gate)
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [100, 1024, 1300])
+def test_gated_activation_kernels_match_pytorch(name, dtype, hidden):
+    from hf_flash_perceiver import fused_activation
+
+    gen = torch.Generator(device="cuda").manual_seed(hidden)
+    h = (torch.randn(3, 37, 2 * hidden, device="cuda", generator=gen) * 2).to(dtype).requires_grad_()
+    dy = torch.randn(3, 37, hidden, device="cuda", generator=gen).to(dtype)
+    with OpCounter() as ops:
+        y = fused_activation.gated_activation(h, name)
+        (dh,) = torch.autograd.grad(y, h, dy)
+    # One Triton kernel each way, nothing from PyTorch's activations or a concatenation.
+    assert not {"gelu", "silu", "sigmoid", "mul", "cat", "gelu_backward"} & set(ops.ops), dict(ops.ops)
+    assert y.dtype == dh.dtype == dtype and y.shape == dy.shape and dh.shape == h.shape
+
+    ref_h = h.detach().float().requires_grad_()
+    ref = _gated_reference(ref_h, name)
+    (ref_dh,) = torch.autograd.grad(ref, ref_h, dy.float())
+    tol = dict(rtol=2**-7, atol=2**-7) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    torch.testing.assert_close(dh.float(), ref_dh, **tol)
+
+
+def test_gated_activation_compiles_to_the_custom_op():
+    """Under torch.compile (fullgraph) the activation is the custom op, launched by Inductor, not a graph break:
+    the same values as the eager kernels (the same kernels), gradients included."""
+    from hf_flash_perceiver.layers import PerceiverMLP
+
+    torch.manual_seed(0)
+    mlp = PerceiverMLP(small_config(gated_mlp=True), 64).cuda()
+    x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.autocast("cuda", torch.bfloat16):
+        torch.compile(mlp, backend=record, fullgraph=True)(x)
+    assert any("hf_flash_perceiver.gated_activation" in t for t in targets), targets
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out, eager = compiled(x), mlp(x)
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, mlp.fc1.weight], dy)
+    want = torch.autograd.grad(eager, [x, mlp.fc1.weight], dy)
+    # Same kernels; Inductor may order the GEMMs' bf16 roundings differently.
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-2
+
+
 # Fused residual branches (fused_block.py) against the module path on the same weights and inputs, both bf16 autocast:
 # each is within ~1e-2 of fp32, so they agree within the bf16 tolerances above.
 FUSED_BLOCK_CASES = [
