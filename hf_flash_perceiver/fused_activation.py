@@ -1,8 +1,8 @@
 """The MLP activation, `value * act(gate)` of `h = [value | gate]` (gated) or `act(h)`, as one kernel each way.
 
-Gated: autograd through `chunk`, the activation and the product runs three kernels forward and three backward, and
+Gated: autograd through `chunk`, the activation and the product runs two kernels forward and three backward, and
 keeps `act(gate)` for backward; Inductor fuses them, but writes the gradient of `[value | gate]` as a concatenation
-whose every element reads both halves' operands, several times the memory traffic of the operation (it was the
+whose every element reads both halves' operands, several times as long as its memory traffic needs (it was the
 largest non-GEMM kernel of compiled training steps with gated MLPs). Here, on CUDA with Triton, the forward reads `h`
 once and writes the product; the backward reads the output gradient and `h` once and writes both halves of the input
 gradient; only `h` is kept. The same Triton kernels run:
@@ -165,7 +165,15 @@ def _register_ops() -> None:
 
 
 def gated_activation(h: Tensor, name: str) -> Tensor:
-    """`value * act(gate)` of `h = [value | gate]` (split on the last axis); `name` a key of `GATE_ACTIVATIONS`."""
+    """The gated MLP's activation, on the fastest path the call allows (see the module docstring).
+
+    Args:
+        h (`torch.Tensor` of shape `(..., 2 * hidden)`): the first projection's output, `[value | gate]`.
+        name (`str`): the gate's activation, a key of `GATE_ACTIVATIONS` (`"gelu"`, `"silu"`, `"sigmoid"`).
+
+    Returns:
+        `torch.Tensor` of shape `(..., hidden)` and `h`'s dtype: `value * act(gate)`.
+    """
     if enabled and triton is not None and h.is_cuda and h.is_floating_point():
         if not torch.compiler.is_compiling():
             return _TritonGatedActivation.apply(h, name)
