@@ -61,35 +61,41 @@ def num_params(module: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- this package
+# The package's module-level off switches (`<module>.enabled`) an A/B variant may turn off for its forwards.
+SWITCHES = ("weight_cast", "fused_activation", "fused_norm")
+
+
 class HFFlashPerceiver(nn.Module):
     """Our `PerceiverModel` (or its `torch.compile` wrapper, which shares its parameters) behind the common
     `forward(inputs, mask)`; `fused_branches` is the `fused_block.enabled` setting its forwards run under (the
-    package's default, the module path, when False), `weight_cast` the `weight_cast.enabled` one (the default, True:
-    a block's projection weights converted together under autocast; False: autocast converting each),
-    `activation_kernels` the `fused_activation.enabled` one (the default, True: the MLP activation as Triton kernels on
-    CUDA; False: PyTorch's ops). Compiled models read the settings when traced, and are retraced when they change."""
+    package's default, the module path, when False), and `disabled` names package modules of `SWITCHES` whose
+    `enabled` switch is off during them (the default path has every one on): `weight_cast` (autocast converting each
+    projection weight instead of a block's together), `fused_activation` (the MLP activation in PyTorch's ops
+    instead of Triton kernels), `fused_norm` (every LayerNorm in PyTorch's op). Compiled models read the settings
+    when traced, and are retraced when they change."""
 
-    def __init__(self, model: nn.Module, fused_branches: bool | str = False, weight_cast: bool = True,
-                 activation_kernels: bool = True):
+    def __init__(self, model: nn.Module, fused_branches: bool | str = False, disabled: tuple[str, ...] = ()):
         super().__init__()
+        unknown = set(disabled) - set(SWITCHES)
+        if unknown:
+            raise ValueError(f"disabled names switches of {SWITCHES}, got {sorted(unknown)}")
         self.model = model
         self.fused_branches = fused_branches
-        self.switches = {"weight_cast": weight_cast, "fused_activation": activation_kernels}
+        self.disabled = tuple(disabled)
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
-        from hf_flash_perceiver import fused_activation, weight_cast
         from hf_flash_perceiver.fused_block import fused_branches
 
-        modules = {"weight_cast": weight_cast, "fused_activation": fused_activation}
-        previous = {name: module.enabled for name, module in modules.items()}
+        modules = [importlib.import_module(f"hf_flash_perceiver.{name}") for name in self.disabled]
+        previous = [module.enabled for module in modules]
         try:
-            for name, module in modules.items():
-                module.enabled = self.switches[name]
+            for module in modules:
+                module.enabled = False
             with fused_branches(self.fused_branches):
                 return self.model(inputs, attention_mask=mask).last_hidden_state
         finally:
-            for name, module in modules.items():
-                module.enabled = previous[name]
+            for module, setting in zip(modules, previous):
+                module.enabled = setting
 
 
 def flash_attn_4_available() -> bool:
@@ -114,13 +120,11 @@ def build_ours(
     compile_mode: str | None = None,
     gradient_checkpointing: bool = False,
     fused_branches: bool | str = False,
-    weight_cast: bool = True,
-    activation_kernels: bool = True,
+    disabled: tuple[str, ...] = (),
 ) -> HFFlashPerceiver:
     """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode, its forwards run with the
-    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`), the block-wise weight
-    conversion to `weight_cast` (`hf_flash_perceiver.weight_cast`) and the MLP activation kernels to
-    `activation_kernels` (`hf_flash_perceiver.fused_activation`)."""
+    fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`) and the package switches
+    named in `disabled` off (see [`HFFlashPerceiver`])."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
     config = PerceiverConfig(**shape.as_dict(), cross_attention_checkpointing=cross_attention_checkpointing)
@@ -132,7 +136,7 @@ def build_ours(
         enable()
     model.train()
     return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model,
-                            fused_branches, weight_cast, activation_kernels)
+                            fused_branches, disabled)
 
 
 # ---------------------------------------------------------------------------------------------------- peers

@@ -111,6 +111,9 @@ class ImplSpec:
     unavailable: Callable[[], str | None] = lambda: None
     peer: bool = False
     compile: bool = False
+    # A/B variants of one package switch: run only when named with --impls (each A/B is its own scoped run and
+    # results file), so that the complete run stays within one device call.
+    ab: bool = False
 
 
 def _needs(check: Callable[[], bool], why: str) -> Callable[[], str | None]:
@@ -138,11 +141,18 @@ IMPLS: dict[str, ImplSpec] = {
     # The default path as it was before projection weights were converted block by block: autocast converting each
     # weight and gradient on its own (same run, for the A/B).
     "hf-flash-perceiver+autocast-casts": ImplSpec(
-        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", weight_cast=False)
+        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", disabled=("weight_cast",)),
+        ab=True,
     ),
     # The default path with the MLP activation in PyTorch ops instead of its Triton kernels (same run, for the A/B).
     "hf-flash-perceiver+torch-activation": ImplSpec(
-        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", activation_kernels=False)
+        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", disabled=("fused_activation",)),
+        ab=True,
+    ),
+    # The default path with every LayerNorm in PyTorch's op (fp32 under autocast, then cast by the next Linear):
+    # the input's norm and the block norms that the default runs as Triton kernels (same run, for the A/B).
+    "hf-flash-perceiver+torch-norm": ImplSpec(
+        ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", disabled=("fused_norm",)), ab=True
     ),
     "hf-flash-perceiver+flash-attn": ImplSpec(
         ("seed", "io", "masked", "large"), lambda s, a: build_ours(s, "flash_attention_2"),
@@ -160,7 +170,8 @@ IMPLS: dict[str, ImplSpec] = {
         ("seed", "io", "large"), lambda s, a: build_ours(s, "sdpa", compile=True), compile=True
     ),
     "hf-flash-perceiver+compile+torch-activation": ImplSpec(
-        ("seed", "large"), lambda s, a: build_ours(s, "sdpa", compile=True, activation_kernels=False), compile=True
+        ("seed", "large"), lambda s, a: build_ours(s, "sdpa", compile=True, disabled=("fused_activation",)),
+        compile=True, ab=True,
     ),
     # CUDA graphs on top of compile: the eager step is CPU-bound at these sizes (launch overhead), graphs remove it.
     "hf-flash-perceiver+compile-cudagraphs": ImplSpec(
@@ -531,8 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated configurations to run, of {list(CONFIGS)} (default: all)")
     parser.add_argument("--impls", type=_csv(list(IMPLS)), default=list(IMPLS),
                         help=f"comma-separated implementations, of {list(IMPLS)}; each runs on the configs it "
-                             "applies to (default: all; optional kernels that are not installed are noted and "
-                             "left out)")
+                             "applies to (default: all but the A/B variants of one package switch, "
+                             f"{[name for name, spec in IMPLS.items() if spec.ab]}; optional kernels that are not "
+                             "installed are noted and left out)")
     parser.add_argument("--ns", type=_ints, default=None, help="only these input lengths n (comma-separated)")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed training steps per record, median reported (default 10; smoke 3)")
@@ -660,9 +672,25 @@ def notes_for(ctx: Context) -> list[str]:
         "hf-flash-perceiver+torch-activation / +compile+torch-activation: hf_flash_perceiver.fused_activation.enabled "
         "= False, the MLP activation in PyTorch ops (as before its Triton kernels; Inductor fuses those ops when "
         "compiled) instead of one Triton kernel forward and one backward (off CUDA both are the same).",
+        "hf-flash-perceiver+torch-norm: hf_flash_perceiver.fused_norm.enabled = False, every LayerNorm in PyTorch's op "
+        "(fp32 under autocast, cast by the next Linear) instead of the Triton kernels the default path runs for the "
+        "input's norm and for block norms of at least fused_norm.BLOCK_NORM_MIN_ELEMENTS elements (off CUDA both are "
+        "the same). The A/B variants (+autocast-casts, +torch-activation, +compile+torch-activation, +torch-norm) run "
+        "only when named with --impls.",
         "masked: random lengths uniform in [n/4, n] per sample (bool mask), each impl also timed on the same padded "
         "batch without a mask (masked: false); valid_fraction is the share of real tokens.",
     ]
+
+
+def selected_impls(args: argparse.Namespace) -> list[str]:
+    """The implementations a run measures: those named with --impls, else every one but the A/B variants (and, in a
+    smoke run without --compile-points, but the compiled ones)."""
+    if args.impls_given:
+        return list(args.impls)
+    impls = [name for name in args.impls if not IMPLS[name].ab]
+    if args.smoke and args.compile_points is None:
+        impls = [name for name in impls if not IMPLS[name].compile]
+    return impls
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -673,8 +701,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.matmul_size is None:
         args.matmul_size = 256 if args.smoke else 8192
     configs = SMOKE_CONFIGS if args.smoke else CONFIGS
-    if args.smoke and not args.impls_given and args.compile_points is None:
-        args.impls = [name for name in args.impls if not IMPLS[name].compile]
+    args.impls = selected_impls(args)
     if args.out_dir is None:
         if args.smoke or device.type != "cuda":
             args.out_dir = tempfile.mkdtemp(prefix=f"perceiver-bench-{'smoke' if args.smoke else device.type}-")

@@ -1,5 +1,6 @@
-"""LayerNorm as one Triton kernel forward and one backward, on CUDA: the input's affine-free norm, and the latent
-stream's norms inside the fused residual branches (fused_block.py).
+"""LayerNorm as one Triton kernel forward and one backward, on CUDA: the blocks' norms over large activations
+([`FusedLayerNorm`]), the input's affine-free norm, and the latent stream's norms inside the fused residual branches
+(fused_block.py).
 
 Under autocast, PyTorch's LayerNorm runs in fp32 and returns fp32, so every Linear after it launches a cast of its
 input, and backward launches another for the gradient; its gamma/beta gradient kernel reduces over the token axis
@@ -19,7 +20,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     import triton
@@ -28,6 +29,11 @@ except ImportError:  # CPU-only installs: the PyTorch path below
     triton = None
 
 MAX_FUSED_WIDTH = 8192
+# A block norm ([`FusedLayerNorm`]) over fewer elements stays PyTorch's op. The Triton path is an autograd node
+# launched from Python (two launches, four allocations, a reduction) and costs several times the host time of the
+# native op; the device time it saves grows with the activation, and only past about this size does it outweigh
+# that host time, which is what an eager step of a small Perceiver is short of (README, "LayerNorm kernels").
+BLOCK_NORM_MIN_ELEMENTS = 2**24
 
 # Off switch for comparisons (benchmarks, tests): the PyTorch path everywhere when False.
 enabled = True
@@ -56,7 +62,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     """LayerNorm over the last axis, returned in the autocast dtype under autocast (else in `x`'s dtype, or the
     promoted dtype of `x` and the affine as `F.layer_norm` gives)."""
     if fused_layer_norm_fits(x) and (weight is None or weight.is_cuda):
-        return _FusedLayerNorm.apply(x, weight, bias, eps, _output_dtype(x))
+        return _LayerNormFunction.apply(x, weight, bias, eps, _output_dtype(x))
     y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     if torch.is_autocast_enabled(x.device.type):
         y = y.to(torch.get_autocast_dtype(x.device.type))
@@ -126,7 +132,24 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     return dx, sums[0] if weight is not None else None, sums[1] if has_bias else None
 
 
-class _FusedLayerNorm(torch.autograd.Function):
+class FusedLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` (the same parameters, initialisation and checkpoint keys) for a norm whose output a projection
+    consumes. On CUDA, for inputs of at least `BLOCK_NORM_MIN_ELEMENTS` elements, it runs the Triton kernels of
+    [`layer_norm`]: under autocast the output is then in the autocast dtype (the fp32 norm rounded once, as the
+    projection's own cast would round it). Elsewhere it is `nn.LayerNorm`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if (
+            len(self.normalized_shape) == 1
+            and input.numel() >= BLOCK_NORM_MIN_ELEMENTS
+            and fused_layer_norm_fits(input)
+            and (self.weight is None or self.weight.is_cuda)
+        ):
+            return _LayerNormFunction.apply(input, self.weight, self.bias, self.eps, _output_dtype(input))
+        return super().forward(input)
+
+
+class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1])
@@ -219,4 +242,6 @@ if triton is not None:
             tl.store(Partial + (programs + program) * width + col, grad_b, mask=col_ok)
 
 
-__all__ = ["fused_layer_norm_fits", "layer_norm", "norm_backward", "norm_forward"]
+__all__ = [
+    "BLOCK_NORM_MIN_ELEMENTS", "FusedLayerNorm", "fused_layer_norm_fits", "layer_norm", "norm_backward", "norm_forward",
+]

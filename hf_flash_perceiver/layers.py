@@ -14,6 +14,7 @@ from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
 from .fused_activation import gated_activation
 from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
+from .fused_norm import FusedLayerNorm
 from .weight_cast import cast_projections, project
 
 
@@ -349,14 +350,15 @@ class PerceiverBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
         super().__init__()
-        self.norm1 = nn.LayerNorm(spec.dim, eps=config.layer_norm_eps)
+        # The norms feeding the projections: Triton kernels on CUDA over large activations (fused_norm.py).
+        self.norm1 = FusedLayerNorm(spec.dim, eps=config.layer_norm_eps)
         if spec.is_cross_attention:
             self.context_norm = nn.LayerNorm(spec.kv_dim, eps=config.layer_norm_eps) if spec.input_norm else None
             self.attn = PerceiverCrossAttention(config, spec, self.context_norm)
         else:
             self.context_norm = None
             self.attn = PerceiverSelfAttention(config, spec)
-        self.norm2 = nn.LayerNorm(spec.dim, eps=config.layer_norm_eps)
+        self.norm2 = FusedLayerNorm(spec.dim, eps=config.layer_norm_eps)
         self.mlp = PerceiverMLP(config, spec.dim, spec.mlp_ratio)
         self.attn_residual = spec.residual
         self.mlp_residual = config.mlp_residual

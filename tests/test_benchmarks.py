@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # Everything except the compiled variant (tests/test_compile.py covers compilation; a CPU compile costs ~20 s) and
 # the optional flash-attn kernels (CUDA only).
 SMOKE_IMPLS = ("hf-flash-perceiver,hf-flash-perceiver+xattn-ckpt,hf-flash-perceiver+varlen,"
-               "hf-flash-perceiver+fused-branches,hf-flash-perceiver+autocast-casts,hf-flash-perceiver+torch-activation,"
+               "hf-flash-perceiver+fused-branches,hf-flash-perceiver+torch-norm,"
                "perceiver-pytorch,"
                "transformers-perceiver")
 HAS_PERCEIVER_PYTORCH = importlib.util.find_spec("perceiver_pytorch") is not None
@@ -86,16 +86,13 @@ def test_smoke_writes_the_documented_schema(smoke_run):
     assert {r["impl"] for r in _measured(records, config="seed")} >= {"hf-flash-perceiver",
                                                                      "hf-flash-perceiver+xattn-ckpt",
                                                                      "hf-flash-perceiver+fused-branches",
-                                                                     "hf-flash-perceiver+autocast-casts",
-                                                                     "hf-flash-perceiver+torch-activation"}
+                                                                     "hf-flash-perceiver+torch-norm"}
     assert {r["impl"] for r in _measured(records, config="io")} == {"hf-flash-perceiver", "transformers-perceiver",
                                                                    "hf-flash-perceiver+fused-branches",
-                                                                   "hf-flash-perceiver+autocast-casts",
-                                                                   "hf-flash-perceiver+torch-activation"}
+                                                                   "hf-flash-perceiver+torch-norm"}
     assert {r["impl"] for r in _measured(records, config="large")} == {"hf-flash-perceiver",
                                                                       "hf-flash-perceiver+fused-branches",
-                                                                      "hf-flash-perceiver+autocast-casts",
-                                                                      "hf-flash-perceiver+torch-activation"}
+                                                                      "hf-flash-perceiver+torch-norm"}
     for impl in ("hf-flash-perceiver", "hf-flash-perceiver+varlen", "hf-flash-perceiver+fused-branches"):
         pair = _measured(records, config="masked", impl=impl)
         assert sorted(r["masked"] for r in pair) == [False, True]
@@ -172,6 +169,26 @@ def test_a_spent_time_budget_skips_records_but_writes_the_file(tmp_path):
     assert results["complete"] is False
     assert all(r["ms"] is None and r["oom"] is False for r in results["records"])
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["complete"] is False
+
+
+def test_harness_switches_turn_package_switches_off_around_a_forward():
+    """An A/B variant turns its package switch off for its own forwards only, and names only real switches."""
+    import importlib
+
+    from bench_peers import SWITCHES, HFFlashPerceiver
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, inputs, attention_mask=None):
+            seen.append({name: importlib.import_module(f"hf_flash_perceiver.{name}").enabled for name in SWITCHES})
+            return type("Out", (), {"last_hidden_state": inputs})()
+
+    HFFlashPerceiver(Probe(), disabled=("fused_norm", "weight_cast"))(torch.zeros(1))
+    assert seen[-1] == {"weight_cast": False, "fused_activation": True, "fused_norm": False}
+    assert all(importlib.import_module(f"hf_flash_perceiver.{name}").enabled for name in SWITCHES)
+    with pytest.raises(ValueError, match="disabled names switches"):
+        HFFlashPerceiver(Probe(), disabled=("fused_nrom",))
 
 
 def test_cli_rejects_unknown_names():
@@ -296,6 +313,10 @@ def test_smoke_defaults_write_outside_the_results_and_leave_out_compilation(monk
     written = Path(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
     assert written.exists() and run.RESULTS_DIR not in written.parents
     assert measured_jobs and not any(run.IMPLS[job.impl].compile for job in measured_jobs)
+    # A/B variants of one package switch run only when named (each A/B is a scoped run of its own).
+    assert not any(run.IMPLS[job.impl].ab for job in measured_jobs)
+    assert {"hf-flash-perceiver+torch-norm", "hf-flash-perceiver+torch-activation"} <= {
+        name for name, spec in run.IMPLS.items() if spec.ab}
     assert results["matmul_tflops"] is None
     # Named explicitly, a compiled variant still runs in a smoke run, and an explicit --out-dir is used as given.
     measured_jobs.clear()

@@ -449,6 +449,27 @@ def test_layer_norm_off_cuda_is_pytorch_then_autocast_cast():
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref.to(torch.bfloat16))
 
 
+def test_block_norms_are_layer_norms():
+    """The blocks' norms are `nn.LayerNorm`s (same parameters, checkpoint keys and initialisation); off CUDA, and on
+    it below `BLOCK_NORM_MIN_ELEMENTS`, their forward is PyTorch's (the GPU tests check the Triton path against it)."""
+    from hf_flash_perceiver.fused_norm import FusedLayerNorm
+
+    model = build(small_config(), "sdpa")
+    block = model.encoder.self_layers[0][0]
+    assert isinstance(block.norm1, FusedLayerNorm) and isinstance(block.norm2, torch.nn.LayerNorm)
+    assert {"norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"} <= set(block.state_dict())
+    fresh = PerceiverModel(small_config()).encoder.self_layers[0][0].norm1
+    assert torch.equal(fresh.weight, torch.ones(fresh.weight.shape)) and torch.equal(fresh.bias, torch.zeros(32))
+    norm = FusedLayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 5, 16)
+    ref = torch.nn.functional.layer_norm(x, (16,), norm.weight, norm.bias, 1e-6)
+    assert torch.equal(norm(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x).dtype == torch.float32  # autocast's own LayerNorm policy
+
+
 def test_fused_branches_are_gpu_half_precision_only():
     """The fused residual branches (fused_block.py) never run off CUDA, in fp32, or on wrapped projections; the GPU
     tests compare them with the module path that runs here."""
