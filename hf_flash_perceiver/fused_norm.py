@@ -78,14 +78,26 @@ def _tile(width: int) -> tuple[int, int, int]:
     return rows, block, warps
 
 
+@lru_cache(maxsize=None)
+def _backward_tile(width: int) -> tuple[int, int, int, int]:
+    """(rows per tile, padded width, warps, programs per SM) of the backward, whose programs loop over row tiles.
+    For widths of 256 to 1024, tiles of about 8192 elements on two programs per SM, from a sweep of tile rows, warps
+    and programs per SM (README, "LayerNorm kernels for the block norms"); other widths keep the forward's tiles on
+    four programs per SM."""
+    rows, block, warps = _tile(width)
+    if 256 <= block <= 1024:
+        return max(1, min(32, 8192 // block)), block, 4, 2
+    return rows, block, warps, 4
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
-def _programs(device: torch.device, tiles: int) -> int:
+def _programs(device: torch.device, tiles: int, per_sm: int) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(tiles, 4 * _SM_COUNT[index]))
+    return max(1, min(tiles, per_sm * _SM_COUNT[index]))
 
 
 def norm_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -113,8 +125,8 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty((rows, width), dtype=x2.dtype, device=x2.device)
-    tile_rows, block, warps = _tile(width)
-    programs = _programs(x2.device, triton.cdiv(rows, tile_rows))
+    tile_rows, block, warps, per_sm = _backward_tile(width)
+    programs = _programs(x2.device, triton.cdiv(rows, tile_rows), per_sm)
     want_affine = weight is not None or has_bias
     partial = torch.empty((2, programs, width) if want_affine else (2, 1, 1), dtype=torch.float32, device=x2.device)
     if residual_grad is not None and residual_grad.stride(-1) != 1:
