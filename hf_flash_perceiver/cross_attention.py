@@ -65,8 +65,8 @@ def fold_norm_affine(
     per-chunk gamma/beta reductions in backward. With no norm (`norm_weight` None) the Linear is returned as is."""
     if norm_weight is None:
         return weight, bias
-    folded_bias = torch.mv(weight, norm_bias)
-    return weight * norm_weight[None, :], folded_bias if bias is None else folded_bias + bias
+    folded_bias = torch.mv(weight, norm_bias) if bias is None else torch.addmv(bias, weight, norm_bias)
+    return weight * norm_weight[None, :], folded_bias
 
 
 # ---------------------------------------------------------------- per-chunk kernels: (out, lse) and its backward

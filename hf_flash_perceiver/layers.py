@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affi
 from .fused_activation import gated_activation
 from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
 from .fused_norm import FusedLayerNorm
-from .weight_cast import cast_projections, project
+from .weight_cast import cast_projections, converted, project
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -248,14 +249,46 @@ class PerceiverCrossAttention(PerceiverAttention):
         if self.input_norm is not None and not self.spec.chunked and context.shard is None:
             context.normalized(self.input_norm.eps)
 
+    def plain_kv_proj(self) -> bool:
+        """Whether `kv_proj` is a plain `nn.Linear` without hooks, so that computing with its weight and bias is
+        calling it. The input norm's fold, the absorbed projection and the chunked path take its weight; a wrapped
+        or hooked projection (a PEFT LoRA layer) is called as a module instead, or refused where it cannot be."""
+        kv = self.kv_proj
+        return type(kv) is nn.Linear and not (kv._forward_hooks or kv._forward_pre_hooks)
+
+    def kv_weights(self) -> tuple[Tensor, Tensor | None]:
+        """`kv_proj`'s weight and bias with the input norm's affine folded in ([`fold_norm_affine`]) for a plain
+        `kv_proj`, folded with autocast off: as converted by the block (weight_cast.py, keyed by this layer; see
+        [`input_projection`]) when it converted them, else computed here."""
+        cast = converted(self)
+        if cast is not None:
+            return cast
+        norm, kv = self.input_norm, self.kv_proj
+        # In the parameters' precision whatever the block converts: a block under activation checkpointing converts
+        # nothing, and its values must be those of the same block without it.
+        with torch.autocast(kv.weight.device.type, enabled=False):
+            return fold_norm_affine(None if norm is None else norm.weight, None if norm is None else norm.bias,
+                                    kv.weight, kv.bias)
+
+    def input_projection(self, context: CrossInput) -> dict[Hashable, Callable[[], tuple[Tensor, Tensor | None]]]:
+        """For the enclosing block's conversion of its projections ([`cast_projections`]`(computed=...)`): how to
+        compute [`kv_weights`] for a call over `context`, where that call uses them (not on the chunked or
+        context-parallel paths, which fold per call)."""
+        if not self.plain_kv_proj() or self.spec.chunked or context.shard is not None:
+            return {}
+        norm, kv = self.input_norm, self.kv_proj
+        if norm is None:
+            return {self: lambda: (kv.weight, kv.bias)}
+        return {self: lambda: fold_norm_affine(norm.weight, norm.bias, kv.weight, kv.bias)}
+
     def project_context(self, context: CrossInput) -> tuple[Tensor, Tensor]:
         """Keys and values `(batch, kv_len, heads, head_dim)` of the whole input (the regular path)."""
         norm = self.input_norm
-        if norm is None:
-            kv = self.kv_proj(context.materialize())
+        x = context.materialize() if norm is None else context.normalized(norm.eps)
+        if self.plain_kv_proj():
+            kv = F.linear(x, *self.kv_weights())
         else:
-            weight, bias = fold_norm_affine(norm.weight, norm.bias, self.kv_proj.weight, self.kv_proj.bias)
-            kv = F.linear(context.normalized(norm.eps), weight, bias)
+            kv = self.kv_proj(x if norm is None else x * norm.weight + norm.bias)
         key, value = self._heads(kv, self.head_dim, self.v_head_dim)
         if self.rotary is not None:
             # Keys carry their own positions (token index), queries theirs (latent index).
@@ -270,7 +303,7 @@ class PerceiverCrossAttention(PerceiverAttention):
         with rotary keys (positions enter the keys), attention maps, or the chunked / context-parallel paths."""
         if output_attentions or self.rotary is not None or self.spec.chunked or context.shard is not None:
             return False
-        if (self.config._attn_implementation or "sdpa") == "eager":
+        if (self.config._attn_implementation or "sdpa") == "eager" or not self.plain_kv_proj():
             return False
         width = self.spec.kv_dim
         if not is_wide_head(query, self.v_head_dim):
@@ -289,11 +322,8 @@ class PerceiverCrossAttention(PerceiverAttention):
 
         Returns `(batch, q_len, heads, v_head_dim)`."""
         norm = self.input_norm
-        if norm is None:
-            x, (weight, bias) = context.materialize(), (self.kv_proj.weight, self.kv_proj.bias)
-        else:
-            x = context.normalized(norm.eps)
-            weight, bias = fold_norm_affine(norm.weight, norm.bias, self.kv_proj.weight, self.kv_proj.bias)
+        x = context.materialize() if norm is None else context.normalized(norm.eps)
+        weight, bias = self.kv_weights()
         batch, n_q, heads, dk = query.shape
         dv, width = self.v_head_dim, weight.shape[1]
         w_k, w_v = weight.split([heads * dk, heads * dv])
@@ -332,6 +362,13 @@ class PerceiverCrossAttention(PerceiverAttention):
         if self.absorbs_projection(query, context, output_attentions):
             return project(self.o_proj, self.absorbed_attention(query, context).flatten(-2)), None
         if (self.spec.chunked or context.shard is not None) and not output_attentions:
+            if not self.plain_kv_proj():
+                raise ValueError(
+                    "cross_attention_checkpointing and context_parallel() compute the key/value projection from "
+                    f"kv_proj's weight, but kv_proj is a {type(self.kv_proj).__name__} (a wrapped or hooked "
+                    "projection, such as a PEFT LoRA layer), which they would bypass: leave kv_proj out of the "
+                    "adapter's target modules, or turn cross_attention_checkpointing off."
+                )
             # Long inputs: keys/values chunk by chunk, recomputed in backward, and under context parallelism merged
             # over the ranks (see cross_attention.py).
             out = chunked_cross_attention(
@@ -383,7 +420,8 @@ class PerceiverBlock(GradientCheckpointingLayer):
             linears += [self.mlp.fc1, self.mlp.fc2]
         if self.gradient_checkpointing and self.training:
             linears = []
-        with cast_projections(linears, hidden_states):
+        computed = self.attn.input_projection(context) if context is not None and linears else None
+        with cast_projections(linears, hidden_states, computed):
             if fuse_attn:
                 hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
             else:

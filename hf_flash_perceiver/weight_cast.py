@@ -8,7 +8,10 @@ kernels, and each costs host time. Here a block converts the weights of its proj
 back in the parameters' dtype. [`project`] then calls the projection on those copies; autocast leaves tensors
 already in its dtype alone, so the values are those of the modules under autocast (the same rounding of the same
 weights). Inside [`shared_casts`] (the encoder's forward) a projection that several blocks call (tied layers,
-repeated latent stacks) is converted once per forward, as autocast's own cache does.
+repeated latent stacks) is converted once per forward, as autocast's own cache does. A projection whose weights are
+computed from parameters (the cross-attention's key/value projection with the input norm's affine folded in) is
+computed in the parameters' precision and converted by the same copy ([`cast_projections`]`(computed=...)`,
+read back with [`converted`]).
 
 Only where it computes the same function: autocast on, a half-precision autocast dtype, plain `nn.Linear` modules
 with parameters of another dtype and no hooks of their own (a PEFT-wrapped or hooked projection is called as a
@@ -18,7 +21,7 @@ checkpointing (its recompute in backward runs outside the forward's scope, so it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -35,8 +38,8 @@ HALF = (torch.bfloat16, torch.float16)
 # The converted `(weight, bias)` of each projection: `_active` is what `project` reads (set by a block while it
 # runs), `_shared` the store kept for a whole forward by `shared_casts`. Context variables, not globals: threads
 # (nn.DataParallel's replicas) each see their own.
-_active: ContextVar[dict[nn.Linear, tuple[Tensor, Tensor | None]] | None] = ContextVar("_active", default=None)
-_shared: ContextVar[dict[bool, dict[nn.Linear, tuple[Tensor, Tensor | None]]] | None] = ContextVar(
+_active: ContextVar[dict[Hashable, tuple[Tensor, Tensor | None]] | None] = ContextVar("_active", default=None)
+_shared: ContextVar[dict[bool, dict[Hashable, tuple[Tensor, Tensor | None]]] | None] = ContextVar(
     "_shared", default=None
 )
 
@@ -112,10 +115,18 @@ def shared_casts() -> Iterator[None]:
 
 
 @contextmanager
-def cast_projections(linears: Iterable[nn.Module], x: Tensor) -> Iterator[None]:
+def cast_projections(
+    linears: Iterable[nn.Module], x: Tensor,
+    computed: Mapping[Hashable, Callable[[], tuple[Tensor, Tensor | None]]] | None = None,
+) -> Iterator[None]:
     """Within the block, [`project`] calls each of `linears` that qualifies (see the module docstring) on its
     weight and bias converted to the autocast dtype of `x`'s device, all converted by one differentiable
-    multi-tensor copy (or taken from the enclosing [`shared_casts`] scope)."""
+    multi-tensor copy (or taken from the enclosing [`shared_casts`] scope).
+
+    `computed` maps keys to functions returning a projection's `(weight, bias)` derived from parameters (a
+    LayerNorm's affine folded into the Linear after it): each is computed with autocast off, in the parameters'
+    precision, and converted by the same copy; [`converted`] returns the result by its key. Under autocast the ops
+    inside would each convert their operands, and the projection its result, one kernel each way per tensor."""
     dtype = _target_dtype(x)
     if dtype is None or (_module._global_forward_hooks or _module._global_forward_pre_hooks):
         yield
@@ -124,17 +135,24 @@ def cast_projections(linears: Iterable[nn.Module], x: Tensor) -> Iterator[None]:
     grad = torch.is_grad_enabled()
     shared = _shared.get()
     store = {} if shared is None else shared.setdefault(grad, {})
-    missing = [m for m in dict.fromkeys(linears) if m not in store and _castable(m, dtype)]
-    if missing:
-        params = [p for m in missing for p in (m.weight, m.bias) if p is not None]
+    entries = {m: (m.weight, m.bias) for m in dict.fromkeys(linears) if m not in store and _castable(m, dtype)}
+    if computed:
+        with torch.autocast(x.device.type, enabled=False):
+            for key, compute in computed.items():
+                if key not in store:
+                    weight, bias = compute()
+                    if weight.dtype != dtype and weight.is_floating_point():
+                        entries[key] = (weight, bias)
+    if entries:
+        tensors = [t for pair in entries.values() for t in pair if t is not None]
         # Frozen parameters get plain copies: a copy that required grad would make the projection's backward compute
         # a weight gradient nobody reads.
-        trained = [p for p in params if grad and p.requires_grad]
-        frozen = [p for p in params if not (grad and p.requires_grad)]
+        trained = [t for t in tensors if grad and t.requires_grad]
+        frozen = [t for t in tensors if not (grad and t.requires_grad)]
         converted = dict(zip(map(id, trained), _CastParameters.apply(dtype, *trained))) if trained else {}
         converted.update(zip(map(id, frozen), cast_tensors(dtype, *frozen)))
-        for m in missing:
-            store[m] = (converted[id(m.weight)], None if m.bias is None else converted[id(m.bias)])
+        for key, (weight, bias) in entries.items():
+            store[key] = (converted[id(weight)], None if bias is None else converted[id(bias)])
     token = _active.set(store)
     try:
         yield
@@ -142,14 +160,20 @@ def cast_projections(linears: Iterable[nn.Module], x: Tensor) -> Iterator[None]:
         _active.reset(token)
 
 
-def project(linear: nn.Module, x: Tensor) -> Tensor:
-    """`linear(x)`, on the weights converted by the enclosing [`cast_projections`] when it converted them."""
+def converted(key: Hashable) -> tuple[Tensor, Tensor | None] | None:
+    """The converted `(weight, bias)` stored under `key` (a Linear, or a key of `computed`) by the enclosing
+    [`cast_projections`], or None where it converted none."""
     # (Dynamo does not trace context variables; compiled code never converts here.)
     active = None if torch.compiler.is_compiling() else _active.get()
-    cast = active.get(linear) if active is not None else None
+    return active.get(key) if active is not None else None
+
+
+def project(linear: nn.Module, x: Tensor) -> Tensor:
+    """`linear(x)`, on the weights converted by the enclosing [`cast_projections`] when it converted them."""
+    cast = converted(linear)
     if cast is None:
         return linear(x)
     return F.linear(x, *cast)
 
 
-__all__ = ["cast_projections", "cast_tensors", "enabled", "project", "shared_casts"]
+__all__ = ["cast_projections", "cast_tensors", "converted", "enabled", "project", "shared_casts"]

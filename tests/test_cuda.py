@@ -493,13 +493,15 @@ def test_fused_block_matches_module_path(case):
     fp32_grads = {n: g.clone() for n, g in fp32_grads.items()}
     # 3e-2: without the MLP residual the output is one bf16 MLP, not the fp32 residual stream (2.6e-2 measured).
     assert rel_err(out, fp32_out) <= 3e-2
-    assert rel_err(x_grad, fp32_x_grad) <= BF16_GRAD_REL_TOL
+    # The input gradient there is about as far off for the bf16 module path (4.0e-2 to 4.1e-2 measured): the same
+    # rule as for the parameter gradients below.
+    ref_out, ref_grads, ref_x_grad = _module_path(lambda: _fused_block_step(model, x))
+    assert rel_err(x_grad, fp32_x_grad) <= max(BF16_GRAD_REL_TOL, 2 * rel_err(ref_x_grad, fp32_x_grad))
     # Parameter gradients against the fp32 path, next to the bf16 module path's own error there: the fused path must
     # be about as accurate as the path it replaces. A gradient that passes back through several bf16 layers (the
     # cross-attention's context norm, say) carries each path's rounding independently, so the two bf16 paths are
     # not compared with each other; "about" is within twice the module path's error, or the bf16 tolerance where that
     # is larger. A wrong kernel is off by O(1), far past either.
-    ref_out, ref_grads, ref_x_grad = _module_path(lambda: _fused_block_step(model, x))
     for name, ref in ref_grads.items():
         assert grads[name].dtype == ref.dtype == torch.float32
         module_err = rel_err(ref, fp32_grads[name])

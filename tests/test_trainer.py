@@ -103,6 +103,33 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, kind):
     assert any(not torch.allclose(params["naive"][n], full, atol=1e-6, rtol=1e-5) for n, full in params["full"].items())
 
 
+@pytest.mark.parametrize("input_norm", [True, False])
+def test_peft_lora_on_the_key_value_projection_is_used(input_norm):
+    """A LoRA adapter on `kv_proj` changes the output and gets gradients, with or without the input LayerNorm (whose
+    affine is otherwise folded into `kv_proj`'s own weight, which a wrapped projection must not bypass); the chunked
+    cross-attention, which computes from that weight, refuses a wrapped `kv_proj` instead of ignoring its adapter."""
+    peft = pytest.importorskip("peft")  # in the `test` extra
+    from hf_flash_perceiver import PerceiverConfig, PerceiverModel
+
+    torch.manual_seed(0)
+    config = PerceiverConfig(input_dim=6, depth=2, num_latents=4, latent_dim=16, cross_heads=1, cross_head_dim=8,
+                             latent_heads=2, latent_head_dim=8, cross_input_norm=input_norm)
+    model = PerceiverModel(config)
+    x = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        before = model(x).last_hidden_state
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["kv_proj"], init_lora_weights=False))
+    out = lora(x).last_hidden_state
+    assert not torch.allclose(out, before, atol=1e-4)
+    out.square().mean().backward()
+    adapters = [(n, p) for n, p in lora.named_parameters() if "lora_" in n]
+    assert len(adapters) == 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in adapters), adapters
+    chunked = PerceiverModel(PerceiverConfig(**{**config.to_diff_dict(), "cross_attention_checkpointing": True}))
+    chunked = peft.get_peft_model(chunked, peft.LoraConfig(r=2, target_modules=["kv_proj"]))
+    with pytest.raises(ValueError, match="kv_proj"):
+        chunked(x)
+
+
 def test_peft_lora_trains_saves_and_loads(tmp_path):
     peft = pytest.importorskip("peft")  # in the `test` extra
     model, data = make_case("image")

@@ -93,6 +93,55 @@ def test_projections_converted_together_once_per_forward(tied):
         torch.testing.assert_close(g, grads_off[name], **OUT_TOL, msg=name)
 
 
+class _FoldOps(OpCounter):
+    """Records the dtype of each `mv`/`addmv` (the fold's bias) and counts the single-tensor conversions
+    (`_to_copy`) of tensors shaped like `kv_proj`'s weight."""
+
+    def __init__(self, weight_shape: torch.Size):
+        super().__init__()
+        self.weight_shape = weight_shape
+        self.fold_dtypes = []
+        self.weight_casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mv", "addmv"):
+            self.fold_dtypes.append(args[1 if name == "mv" else 2].dtype)
+        if name == "_to_copy" and args[0].shape == self.weight_shape:
+            self.weight_casts += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cross_attention_fold_is_computed_in_fp32_and_converted_with_the_block(tied):
+    """The input norm's affine folded into `kv_proj` is computed with autocast off (in fp32: on CUDA autocast would
+    run its matrix-vector product in bf16 and convert each operand) and converted by the block's one copy instead
+    of one conversion per call; tied cross blocks fold once per forward. Outputs and every gradient are those of the
+    module path."""
+    torch.manual_seed(3)
+    config = small_config(depth=3, weight_tie_layers=tied, cross_qkv_bias=True)
+    model = PerceiverModel(config).train()
+    x = torch.randn(2, 9, config.input_dim)
+    kv_shape = model.encoder.cross_layers[0].attn.kv_proj.weight.shape
+    with _weight_cast(False), _FoldOps(kv_shape) as off:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    with _weight_cast(True), _FoldOps(kv_shape) as on:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    assert off.weight_casts >= config.depth  # autocast converts the folded weight for every cross-attention call
+    assert on.weight_casts == 0
+    # One fold per distinct cross block (tied blocks share theirs), its bias by one fp32 addmv.
+    assert on.fold_dtypes == [torch.float32] * len(model.encoder.cross_layers)
+    out_off, grads_off, _ = _step(model, x, on=False)
+    out_on, grads_on, ops = _step(model, x, on=True)
+    assert ops.ops["_foreach_copy_"] == 2 * len({id(m) for m in model.modules() if isinstance(m, PerceiverBlock)})
+    torch.testing.assert_close(out_on, out_off, **OUT_TOL)
+    assert any("context_norm" in name for name in grads_on) and grads_on.keys() == grads_off.keys()
+    for name, g in grads_on.items():
+        torch.testing.assert_close(g, grads_off[name], **OUT_TOL, msg=name)
+
+
 def test_frozen_and_hooked_projections_keep_the_module_path():
     """A frozen projection gets no gradient (and its copy none either); a projection with a forward hook, or a
     subclass of `nn.Linear` (as PEFT's wrappers are), is called as a module so that its hook or forward runs."""
