@@ -47,7 +47,7 @@ class PerceiverEncoder(nn.Module):
     def forward(self, latents: Tensor, contexts: list[CrossInput], **kwargs) -> Tensor:
         """Run every block over `latents`, block `i` cross-attending to `contexts[i]`; returns the final latents."""
         for i, context in enumerate(contexts):
-            self.cross_layers[self.block_index(i)].attn.prepare(context)
+            self.cross_layers[self.block_index(i)].prepare(context)
         x = latents
         # Blocks that share modules (tied layers, repeated latent stacks) share their converted weights too.
         with shared_casts():

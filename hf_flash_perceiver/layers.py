@@ -19,6 +19,11 @@ from .fused_norm import FusedLayerNorm
 from .weight_cast import cast_projections, converted, project
 
 
+def _plain(module: nn.Module | None, cls: type[nn.Module]) -> bool:
+    """`module` is exactly a `cls` without hooks of its own: computing with its parameters is calling it."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 class PerceiverRotaryEmbedding(nn.Module):
     """Rotary position embedding on the first `dim` channels of each head (rotate-half layout).
 
@@ -226,76 +231,84 @@ class PerceiverCrossAttention(PerceiverAttention):
     normalised copy of a long input is made. The chunked path folds with the same function, per call.
 
     The LayerNorm's parameters are held by the enclosing block as `context_norm` (where checkpoints have always
-    stored them); this layer is given the module and is the only code that applies it.
+    stored them); the block passes that module to every call (`input_norm`), and this layer is the only code that
+    applies it. Passed, not kept: a kept reference would outlive the module the block holds at call time (the
+    replica of `nn.DataParallel`, the trained copy of PEFT's `modules_to_save`). A norm other than a plain
+    `nn.LayerNorm` is applied as the module it is, not folded.
     """
 
-    def __init__(self, config: PerceiverConfig, spec: AttentionSpec, input_norm: nn.LayerNorm | None):
+    def __init__(self, config: PerceiverConfig, spec: AttentionSpec):
         super().__init__(config, spec)
         self.q_proj = nn.Linear(spec.dim, spec.heads * spec.head_dim, bias=spec.qkv_bias)
         self.kv_proj = nn.Linear(spec.kv_dim, spec.heads * (spec.head_dim + self.v_head_dim), bias=spec.qkv_bias)
-        # A plain reference, not a submodule: the block registers it, under its checkpoint name.
-        self._input_norm = (input_norm,)
-
-    @property
-    def input_norm(self) -> nn.LayerNorm | None:
-        return self._input_norm[0]
 
     def projections(self) -> list[nn.Linear]:
         return [self.q_proj, self.o_proj]
 
-    def prepare(self, context: CrossInput) -> None:
+    def prepare(self, context: CrossInput, input_norm: nn.Module | None) -> None:
         """Fill `context`'s shared LayerNorm cache before any block runs. Blocks may be recomputed under activation
         checkpointing; computing the cache inside one would make its forward and its recompute differ."""
-        if self.input_norm is not None and not self.spec.chunked and context.shard is None:
-            context.normalized(self.input_norm.eps)
+        if _plain(input_norm, nn.LayerNorm) and not self.spec.chunked and context.shard is None:
+            context.normalized(input_norm.eps)
 
     def plain_kv_proj(self) -> bool:
         """Whether `kv_proj` is a plain `nn.Linear` without hooks, so that computing with its weight and bias is
         calling it. The input norm's fold, the absorbed projection and the chunked path take its weight; a wrapped
         or hooked projection (a PEFT LoRA layer) is called as a module instead, or refused where it cannot be."""
-        kv = self.kv_proj
-        return type(kv) is nn.Linear and not (kv._forward_hooks or kv._forward_pre_hooks)
+        return _plain(self.kv_proj, nn.Linear)
 
-    def kv_weights(self) -> tuple[Tensor, Tensor | None]:
+    def folds(self, norm: nn.Module | None) -> bool:
+        """Whether the input side can compute with the weights of `kv_proj` and of `norm` (None: no input norm)
+        rather than call them: both plain modules (see [`plain_kv_proj`])."""
+        return self.plain_kv_proj() and (norm is None or _plain(norm, nn.LayerNorm))
+
+    def kv_weights(self, norm: nn.LayerNorm | None) -> tuple[Tensor, Tensor | None]:
         """`kv_proj`'s weight and bias with the input norm's affine folded in ([`fold_norm_affine`]) for a plain
         `kv_proj`, folded with autocast off: as converted by the block (weight_cast.py, keyed by this layer; see
         [`input_projection`]) when it converted them, else computed here."""
         cast = converted(self)
         if cast is not None:
             return cast
-        norm, kv = self.input_norm, self.kv_proj
+        kv = self.kv_proj
         # In the parameters' precision whatever the block converts: a block under activation checkpointing converts
         # nothing, and its values must be those of the same block without it.
         with torch.autocast(kv.weight.device.type, enabled=False):
             return fold_norm_affine(None if norm is None else norm.weight, None if norm is None else norm.bias,
                                     kv.weight, kv.bias)
 
-    def input_projection(self, context: CrossInput) -> dict[Hashable, Callable[[], tuple[Tensor, Tensor | None]]]:
+    def input_projection(
+        self, context: CrossInput, norm: nn.Module | None
+    ) -> dict[Hashable, Callable[[], tuple[Tensor, Tensor | None]]]:
         """For the enclosing block's conversion of its projections ([`cast_projections`]`(computed=...)`): how to
         compute [`kv_weights`] for a call over `context`, where that call uses them (not on the chunked or
         context-parallel paths, which fold per call)."""
-        if not self.plain_kv_proj() or self.spec.chunked or context.shard is not None:
+        if not self.folds(norm) or self.spec.chunked or context.shard is not None:
             return {}
-        norm, kv = self.input_norm, self.kv_proj
+        kv = self.kv_proj
         if norm is None:
             return {self: lambda: (kv.weight, kv.bias)}
         return {self: lambda: fold_norm_affine(norm.weight, norm.bias, kv.weight, kv.bias)}
 
-    def project_context(self, context: CrossInput) -> tuple[Tensor, Tensor]:
-        """Keys and values `(batch, kv_len, heads, head_dim)` of the whole input (the regular path)."""
-        norm = self.input_norm
-        x = context.materialize() if norm is None else context.normalized(norm.eps)
-        if self.plain_kv_proj():
-            kv = F.linear(x, *self.kv_weights())
+    def project_context(self, context: CrossInput, norm: nn.Module | None) -> tuple[Tensor, Tensor]:
+        """Keys and values `(batch, kv_len, heads, head_dim)` of the whole input (the regular path), `norm` being
+        the input LayerNorm (None: none)."""
+        if self.folds(norm):
+            x = context.materialize() if norm is None else context.normalized(norm.eps)
+            kv = F.linear(x, *self.kv_weights(norm))
+        elif _plain(norm, nn.LayerNorm):
+            kv = self.kv_proj(context.normalized(norm.eps) * norm.weight + norm.bias)
         else:
-            kv = self.kv_proj(x if norm is None else x * norm.weight + norm.bias)
+            x = context.materialize()
+            kv = self.kv_proj(x if norm is None else norm(x))
         key, value = self._heads(kv, self.head_dim, self.v_head_dim)
         if self.rotary is not None:
             # Keys carry their own positions (token index), queries theirs (latent index).
             key = self.rotary.rotate(key)
         return key, value
 
-    def absorbs_projection(self, query: Tensor, context: CrossInput, output_attentions: bool) -> bool:
+    def absorbs_projection(
+        self, query: Tensor, context: CrossInput, norm: nn.Module | None, output_attentions: bool
+    ) -> bool:
         """Whether this call attends to the input itself, with the key/value projection moved onto the queries and
         the output ([`absorbed_attention`]): for the wide heads that no fused kernel takes (attention then runs as
         GEMMs over the materialised scores either way) when it needs fewer FLOPs than projecting every input token,
@@ -303,7 +316,7 @@ class PerceiverCrossAttention(PerceiverAttention):
         with rotary keys (positions enter the keys), attention maps, or the chunked / context-parallel paths."""
         if output_attentions or self.rotary is not None or self.spec.chunked or context.shard is not None:
             return False
-        if (self.config._attn_implementation or "sdpa") == "eager" or not self.plain_kv_proj():
+        if (self.config._attn_implementation or "sdpa") == "eager" or not self.folds(norm):
             return False
         width = self.spec.kv_dim
         if not is_wide_head(query, self.v_head_dim):
@@ -314,16 +327,15 @@ class PerceiverCrossAttention(PerceiverAttention):
         projected = n_kv * width * heads * (dk + dv) + heads * n_q * n_kv * (dk + dv)
         return absorbed < projected
 
-    def absorbed_attention(self, query: Tensor, context: CrossInput) -> Tensor:
+    def absorbed_attention(self, query: Tensor, context: CrossInput, norm: nn.LayerNorm | None) -> Tensor:
         r"""Attention over the (normalised) input tokens `x` with the key/value projection absorbed:
         `q . (W_k x + b_k) = (W_k^T q) . x + q . b_k`, and the last term is constant over keys, so it cancels in the
         softmax; `sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v sum_j p_j`. Exact in real arithmetic; no key
         or value tensor of the input's length is ever made. Heads share `x`: they are stacked as rows of one GEMM.
 
         Returns `(batch, q_len, heads, v_head_dim)`."""
-        norm = self.input_norm
         x = context.materialize() if norm is None else context.normalized(norm.eps)
-        weight, bias = self.kv_weights()
+        weight, bias = self.kv_weights(norm)
         batch, n_q, heads, dk = query.shape
         dv, width = self.v_head_dim, weight.shape[1]
         w_k, w_v = weight.split([heads * dk, heads * dv])
@@ -346,7 +358,8 @@ class PerceiverCrossAttention(PerceiverAttention):
         return out if mask is None else mask.zero_empty_rows(out)
 
     def forward(
-        self, hidden_states: Tensor, context: CrossInput, output_attentions: bool = False, **kwargs
+        self, hidden_states: Tensor, context: CrossInput, input_norm: nn.Module | None = None,
+        output_attentions: bool = False, **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
         (query,) = self._heads(project(self.q_proj, hidden_states), self.head_dim)
         if self.rotary is not None:
@@ -359,24 +372,26 @@ class PerceiverCrossAttention(PerceiverAttention):
             raise ValueError(
                 f"context_parallel() has no attention dropout, but cross_attn_dropout={self.spec.dropout}: set it to 0."
             )
-        if self.absorbs_projection(query, context, output_attentions):
-            return project(self.o_proj, self.absorbed_attention(query, context).flatten(-2)), None
+        if self.absorbs_projection(query, context, input_norm, output_attentions):
+            return project(self.o_proj, self.absorbed_attention(query, context, input_norm).flatten(-2)), None
         if (self.spec.chunked or context.shard is not None) and not output_attentions:
-            if not self.plain_kv_proj():
+            if not self.folds(input_norm):
+                wrapped = "kv_proj" if not self.plain_kv_proj() else "context_norm"
+                module = self.kv_proj if wrapped == "kv_proj" else input_norm
                 raise ValueError(
-                    "cross_attention_checkpointing and context_parallel() compute the key/value projection from "
-                    f"kv_proj's weight, but kv_proj is a {type(self.kv_proj).__name__} (a wrapped or hooked "
-                    "projection, such as a PEFT LoRA layer), which they would bypass: leave kv_proj out of the "
-                    "adapter's target modules, or turn cross_attention_checkpointing off."
+                    "cross_attention_checkpointing and context_parallel() compute the keys and values from the "
+                    f"weights of kv_proj and context_norm, but {wrapped} is a {type(module).__name__} (a wrapped or "
+                    "hooked module, such as a PEFT LoRA layer or modules_to_save copy), which they would bypass: "
+                    f"leave {wrapped} out of the adapter's modules, or turn cross_attention_checkpointing off."
                 )
             # Long inputs: keys/values chunk by chunk, recomputed in backward, and under context parallelism merged
             # over the ranks (see cross_attention.py).
             out = chunked_cross_attention(
-                query, context, self.input_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
+                query, context, input_norm, self.kv_proj, heads=self.num_heads, head_dim=self.head_dim,
                 v_head_dim=self.v_head_dim, scale=self.head_dim**-0.5, chunk_size=self.config.cross_attention_chunk_size, rotary=self.rotary,
             )
             return project(self.o_proj, out.flatten(-2)), None
-        key, value = self.project_context(context)
+        key, value = self.project_context(context, input_norm)
         return self._attend(query, key, value, context.mask, output_attentions)
 
 
@@ -391,7 +406,7 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self.norm1 = FusedLayerNorm(spec.dim, eps=config.layer_norm_eps)
         if spec.is_cross_attention:
             self.context_norm = nn.LayerNorm(spec.kv_dim, eps=config.layer_norm_eps) if spec.input_norm else None
-            self.attn = PerceiverCrossAttention(config, spec, self.context_norm)
+            self.attn = PerceiverCrossAttention(config, spec)
         else:
             self.context_norm = None
             self.attn = PerceiverSelfAttention(config, spec)
@@ -399,6 +414,10 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self.mlp = PerceiverMLP(config, spec.dim, spec.mlp_ratio)
         self.attn_residual = spec.residual
         self.mlp_residual = config.mlp_residual
+
+    def prepare(self, context: CrossInput) -> None:
+        """Before any block runs: fill `context`'s shared input-norm cache for this cross-attention block."""
+        self.attn.prepare(context, self.context_norm)
 
     def forward(
         self, hidden_states: Tensor, context: CrossInput | Tensor | None = None, **kwargs
@@ -420,7 +439,7 @@ class PerceiverBlock(GradientCheckpointingLayer):
             linears += [self.mlp.fc1, self.mlp.fc2]
         if self.gradient_checkpointing and self.training:
             linears = []
-        computed = self.attn.input_projection(context) if context is not None and linears else None
+        computed = None if context is None or not linears else self.attn.input_projection(context, self.context_norm)
         with cast_projections(linears, hidden_states, computed):
             if fuse_attn:
                 hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
@@ -428,7 +447,9 @@ class PerceiverBlock(GradientCheckpointingLayer):
                 if context is None:
                     attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)
                 else:
-                    attn_out, weights = self.attn(self.norm1(hidden_states), context, **kwargs)
+                    attn_out, weights = self.attn(
+                        self.norm1(hidden_states), context, input_norm=self.context_norm, **kwargs
+                    )
                 hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
             if fuse_mlp:
                 return mlp_branch(self.norm2, self.mlp, hidden_states, fused, self.mlp_residual), weights

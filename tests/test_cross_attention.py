@@ -102,7 +102,8 @@ def test_absorbed_projection_equals_projected_keys(heads, dk, dv, norm, bias):
 
     cfg = small_config(depth=1, cross_heads=heads, cross_head_dim=dk, cross_v_head_dim=dv, cross_input_norm=norm,
                        cross_qkv_bias=bias)
-    attn = build(cfg, "sdpa").encoder.cross_layers[0].attn
+    block = build(cfg, "sdpa").encoder.cross_layers[0]
+    attn, input_norm = block.attn, block.context_norm
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     x = torch.randn(3, 40, cfg.input_dim, generator=g, requires_grad=True)
     latents = torch.randn(3, 5, cfg.latent_dim, generator=g)
@@ -114,18 +115,18 @@ def test_absorbed_projection_equals_projected_keys(heads, dk, dv, norm, bias):
         context = CrossInput(x, KeyPaddingMask.from_mask(mask))
         (query,) = attn._heads(attn.q_proj(latents), dk)
         if absorbed:
-            out = attn.absorbed_attention(query, context)
+            out = attn.absorbed_attention(query, context, input_norm)
         else:
-            key, value = attn.project_context(context)
+            key, value = attn.project_context(context, input_norm)
             out, _ = attention(query, key, value, context.mask, implementation="eager")
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
         if norm:
-            grads["norm"] = attn.input_norm.weight.grad.clone()
+            grads["norm"] = input_norm.weight.grad.clone()
         grads["<input>"] = x.grad.clone()
         x.grad = None
         if norm:
-            attn.input_norm.weight.grad = None
+            input_norm.weight.grad = None
         return out.detach(), grads
 
     out, grads = run(True)
@@ -136,3 +137,28 @@ def test_absorbed_projection_equals_projected_keys(heads, dk, dv, norm, bias):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_block_applies_the_input_norm_it_holds_at_call_time(chunked):
+    """The cross-attention applies the `context_norm` its block holds when called, not one it kept: a module put in
+    its place (as `nn.DataParallel`'s replicas and PEFT's `modules_to_save` copies are) is what runs, on the regular
+    and the chunked path alike."""
+    cfg = small_config(depth=1, cross_attention_checkpointing=chunked)
+    model = build(cfg, "sdpa")
+    block = model.encoder.cross_layers[0]
+    x = torch.randn(2, 9, cfg.input_dim)
+    before = model(x).last_hidden_state
+    replacement = torch.nn.LayerNorm(cfg.input_dim, eps=cfg.layer_norm_eps)
+    with torch.no_grad():
+        replacement.weight.uniform_(0.5, 1.5)
+        replacement.bias.normal_()
+    block.context_norm = replacement
+    out = model(x).last_hidden_state
+    assert not torch.allclose(out, before, atol=1e-4)
+    out.square().mean().backward()
+    assert replacement.weight.grad is not None and replacement.weight.grad.abs().sum() > 0
+    # The same as a model built with those norm weights.
+    rebuilt = build(cfg, "sdpa")
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(x).last_hidden_state, out, rtol=FP32_TOL, atol=FP32_TOL)

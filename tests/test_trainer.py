@@ -103,14 +103,23 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, kind):
     assert any(not torch.allclose(params["naive"][n], full, atol=1e-6, rtol=1e-5) for n, full in params["full"].items())
 
 
-@pytest.mark.parametrize("input_norm", [True, False])
-def test_peft_lora_on_the_key_value_projection_is_used(input_norm):
-    """A LoRA adapter on `kv_proj` changes the output and gets gradients, with or without the input LayerNorm (whose
-    affine is otherwise folded into `kv_proj`'s own weight, which a wrapped projection must not bypass); the chunked
-    cross-attention, which computes from that weight, refuses a wrapped `kv_proj` instead of ignoring its adapter."""
+INPUT_SIDE_ADAPTERS = {
+    "lora-kv_proj": (True, "kv_proj", dict(target_modules=["kv_proj"])),
+    "lora-kv_proj-no-input-norm": (False, "kv_proj", dict(target_modules=["kv_proj"])),
+    "saved-context_norm": (True, "context_norm", dict(target_modules=["q_proj"], modules_to_save=["context_norm"])),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_SIDE_ADAPTERS)
+def test_peft_adapters_on_the_input_side_are_used(case):
+    """A LoRA adapter on `kv_proj`, or a trained copy of `context_norm` (`modules_to_save`), changes the output and
+    gets gradients. Both are applied as the modules they are, not through the plain modules' weights (the input
+    norm's affine folded into `kv_proj`'s, which they would bypass); the chunked cross-attention, which computes from
+    those weights, refuses them instead of ignoring them."""
     peft = pytest.importorskip("peft")  # in the `test` extra
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
+    input_norm, wrapped_name, adapter = INPUT_SIDE_ADAPTERS[case]
     torch.manual_seed(0)
     config = PerceiverConfig(input_dim=6, depth=2, num_latents=4, latent_dim=16, cross_heads=1, cross_head_dim=8,
                              latent_heads=2, latent_head_dim=8, cross_input_norm=input_norm)
@@ -118,15 +127,19 @@ def test_peft_lora_on_the_key_value_projection_is_used(input_norm):
     x = torch.randn(2, 7, 6)
     with torch.no_grad():
         before = model(x).last_hidden_state
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["kv_proj"], init_lora_weights=False))
-    out = lora(x).last_hidden_state
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, init_lora_weights=False, **adapter))
+    with torch.no_grad():  # a saved copy starts equal to the frozen original: move it away
+        for name, p in wrapped.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)
+    out = wrapped(x).last_hidden_state
     assert not torch.allclose(out, before, atol=1e-4)
     out.square().mean().backward()
-    adapters = [(n, p) for n, p in lora.named_parameters() if "lora_" in n]
-    assert len(adapters) == 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in adapters), adapters
+    trained = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad and wrapped_name in n]
+    assert len(trained) == 4 and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trained), trained
     chunked = PerceiverModel(PerceiverConfig(**{**config.to_diff_dict(), "cross_attention_checkpointing": True}))
-    chunked = peft.get_peft_model(chunked, peft.LoraConfig(r=2, target_modules=["kv_proj"]))
-    with pytest.raises(ValueError, match="kv_proj"):
+    chunked = peft.get_peft_model(chunked, peft.LoraConfig(r=2, **adapter))
+    with pytest.raises(ValueError, match=wrapped_name):
         chunked(x)
 
 
