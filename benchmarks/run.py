@@ -466,8 +466,38 @@ def compile_points(ctx: Context) -> list[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------------- profiling
+def launch_attribution(events, steps: int, depth: int = 4) -> list[tuple[float, str, str]]:
+    """Device activities per step by what issued them: `(count per step, activity name, the issuing op and up to
+    `depth - 1` of its parents, innermost first)`, most frequent first. Every activity (kernel, memset, memcpy) is a
+    launch the host pays for, so this is the table to cut launches from; `events` are torch.profiler's
+    `prof.events()` (CPU ops carry the activities they launched)."""
+    counts: dict[tuple[str, str], int] = {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        for activity in event.kernels:
+            chain, parent = [event.name], event.cpu_parent
+            while parent is not None and len(chain) < depth:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = (activity.name, " < ".join(chain))
+            counts[key] = counts.get(key, 0) + 1
+    rows = [(count / steps, name, chain) for (name, chain), count in counts.items()]
+    return sorted(rows, key=lambda row: (-row[0], row[1], row[2]))
+
+
+def format_attribution(rows: list[tuple[float, str, str]]) -> str:
+    if not rows:
+        return "(no device activities: a CPU run)\n"
+    total = sum(count for count, _, _ in rows)
+    lines = [f"{total:.1f} device activities per step", "per step  activity  <-  issued by (innermost first)"]
+    lines += [f"{count:8.1f}  {name[:90]}  <-  {chain}" for count, name, chain in rows]
+    return "\n".join(lines) + "\n"
+
+
 def profile(ctx: Context, config: str, n: int, impl: str, stem: str) -> Path:
-    """Kernel-time breakdown (top kernels by self device time) of a few training steps of one record, as text."""
+    """Kernel-time breakdown (top kernels by self device time) of a few training steps of one record, then every
+    device activity per step by the op that issued it ([`launch_attribution`]), as text."""
     spec = ctx.configs[config]
     batch = dict(spec.points)[n]
     model = IMPLS[impl].build(spec.shape, ctx.args).to(ctx.device)
@@ -489,7 +519,10 @@ def profile(ctx: Context, config: str, n: int, impl: str, stem: str) -> Path:
     path = Path(ctx.args.out_dir) / f"{stem}-profile-{config}-{n}-{suffix}.txt"
     header = (f"# {impl}, config {config}{' (masked)' if spec.masked else ''}, n={n}, batch={batch}, "
               f"{steps} training steps, sorted by {sort}\n# shape: {spec.shape.as_dict()}\n\n")
-    path.write_text(header + table + "\n")
+    launches = "\n# Device activities per step, by the op that issued them\n" + format_attribution(
+        launch_attribution(prof.events(), steps)
+    )
+    path.write_text(header + table + "\n" + launches)
     del model, x, mask
     free_memory(ctx.device, IMPLS[impl].compile)
     return path
@@ -577,8 +610,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tf-v-channels", type=int, default=None,
                         help="transformers' Perceiver v_channels (self-attention needs it equal to d_latents)")
     parser.add_argument("--profile", type=_profile_request, action="append", default=[],
-                        help="CONFIG:N[:IMPL]: after the records, write a kernel-time breakdown of that record "
-                             "(default impl hf-flash-perceiver) to the out dir; repeatable")
+                        help="CONFIG:N[:IMPL]: after the records, write a kernel-time breakdown of that record and its "
+                             "device activities by issuing op (default impl hf-flash-perceiver) to the out dir; "
+                             "repeatable")
     argv_list = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.impls_given = any(a == "--impls" or a.startswith("--impls=") for a in argv_list)

@@ -134,6 +134,28 @@ def test_profile_writes_a_kernel_table(smoke_run):
     text = (out_dir / results["profiles"][0]).read_text()
     assert text.startswith("# hf-flash-perceiver, config seed")
     assert "aten::" in text and "Self CPU" in text
+    assert "# Device activities per step, by the op that issued them\n(no device activities: a CPU run)" in text
+
+
+def test_launch_attribution_counts_each_activity_under_its_issuing_op():
+    """Each device activity counts once per step under the op that launched it, named with its parents."""
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    kernel, memset = SimpleNamespace(name="gemm_kernel"), SimpleNamespace(name="Memset (Device)")
+    backward = SimpleNamespace(name="AddmmBackward0", cpu_parent=None, device_type=cpu, kernels=[])
+    mm = SimpleNamespace(name="aten::mm", cpu_parent=backward, device_type=cpu, kernels=[kernel])
+    total = SimpleNamespace(name="aten::sum", cpu_parent=backward, device_type=cpu, kernels=[memset, kernel])
+    device_side = SimpleNamespace(name="gemm_kernel", cpu_parent=None, device_type=cuda, kernels=[])
+    rows = run.launch_attribution([backward, mm, total, device_side] * 2, steps=2)
+    assert rows == [
+        (1.0, "Memset (Device)", "aten::sum < AddmmBackward0"),
+        (1.0, "gemm_kernel", "aten::mm < AddmmBackward0"),
+        (1.0, "gemm_kernel", "aten::sum < AddmmBackward0"),
+    ]
+    text = run.format_attribution(rows)
+    assert text.startswith("3.0 device activities per step")
+    assert "Memset (Device)  <-  aten::sum < AddmmBackward0" in text
 
 
 class _Exploding(nn.Module):
