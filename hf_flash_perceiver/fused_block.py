@@ -10,7 +10,8 @@ of the Perceiver's small latent arrays.
 
 The values are those of the modules under autocast up to rounding order (weight gradients are better: they skip
 the round trip through the half-precision dtype). [`PerceiverBlock`] takes this path only where it computes the
-same function: CUDA, autocast (or half-precision weights), plain `nn.Linear` projections (not PEFT-wrapped ones),
+same function: CUDA, autocast (or half-precision weights), plain `nn.Linear` projections and LayerNorms (not
+PEFT-wrapped or hooked ones),
 no attention maps, no rotary, no attention dropout in training, the sdpa/varlen backends, and not under
 `torch.compile` (Inductor fuses the module path itself). Everything else, and every CPU, runs the modules.
 """
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 from .attention_backends import CUDNN_AVAILABLE
 from .cross_attention import _fused_backward, _fused_forward
 from .fused_activation import activation_backward, activation_forward
-from .fused_norm import norm_backward, norm_forward, triton
-from .weight_cast import cast_tensors
+from .fused_norm import FusedLayerNorm, norm_backward, norm_forward, triton
+from .weight_cast import cast_tensors, plain
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
 # module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
@@ -72,12 +73,14 @@ def fused_dtype(x: Tensor) -> torch.dtype | None:
     return dtype if dtype in HALF and x.dtype in (torch.float32, *HALF) else None
 
 
-def _plain(*modules: nn.Module) -> bool:
-    return all(type(m) is nn.Linear for m in modules)
+def _plain(norm: nn.Module, *linears: nn.Module) -> bool:
+    # A LayerNorm and `nn.Linear`s, none subclassed or hooked: the branch computes with their weights and never calls
+    # them, so it must not stand in for a module whose call does more.
+    return any(plain(norm, cls) for cls in (FusedLayerNorm, nn.LayerNorm)) and all(plain(m, nn.Linear) for m in linears)
 
 
-def self_attention_fits(attn: nn.Module, output_attentions: bool) -> bool:
-    """Whether a [`PerceiverSelfAttention`] runs fused: see the module docstring."""
+def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: bool) -> bool:
+    """Whether `x + attn(norm(x))` of a [`PerceiverSelfAttention`] runs fused: see the module docstring."""
     return (
         not output_attentions
         and attn.rotary is None
@@ -86,12 +89,13 @@ def self_attention_fits(attn: nn.Module, output_attentions: bool) -> bool:
         and attn.head_dim == attn.v_head_dim
         and attn.head_dim % 8 == 0
         and attn.head_dim <= 128
-        and _plain(attn.qkv_proj, attn.o_proj)
+        and _plain(norm, attn.qkv_proj, attn.o_proj)
     )
 
 
-def mlp_fits(mlp: nn.Module) -> bool:
-    return _plain(mlp.fc1, mlp.fc2)
+def mlp_fits(norm: nn.Module, mlp: nn.Module) -> bool:
+    """Whether `x + mlp(norm(x))` runs fused: see the module docstring."""
+    return _plain(norm, mlp.fc1, mlp.fc2)
 
 
 # ---------------------------------------------------------------------------------------------------- projections

@@ -16,12 +16,7 @@ from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affi
 from .fused_activation import gated_activation
 from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
 from .fused_norm import FusedLayerNorm
-from .weight_cast import cast_projections, converted, project
-
-
-def _plain(module: nn.Module | None, cls: type[nn.Module]) -> bool:
-    """`module` is exactly a `cls` without hooks of its own: computing with its parameters is calling it."""
-    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+from .weight_cast import cast_projections, converted, plain, project
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -248,19 +243,19 @@ class PerceiverCrossAttention(PerceiverAttention):
     def prepare(self, context: CrossInput, input_norm: nn.Module | None) -> None:
         """Fill `context`'s shared LayerNorm cache before any block runs. Blocks may be recomputed under activation
         checkpointing; computing the cache inside one would make its forward and its recompute differ."""
-        if _plain(input_norm, nn.LayerNorm) and not self.spec.chunked and context.shard is None:
+        if plain(input_norm, nn.LayerNorm) and not self.spec.chunked and context.shard is None:
             context.normalized(input_norm.eps)
 
     def plain_kv_proj(self) -> bool:
         """Whether `kv_proj` is a plain `nn.Linear` without hooks, so that computing with its weight and bias is
         calling it. The input norm's fold, the absorbed projection and the chunked path take its weight; a wrapped
         or hooked projection (a PEFT LoRA layer) is called as a module instead, or refused where it cannot be."""
-        return _plain(self.kv_proj, nn.Linear)
+        return plain(self.kv_proj, nn.Linear)
 
     def folds(self, norm: nn.Module | None) -> bool:
         """Whether the input side can compute with the weights of `kv_proj` and of `norm` (None: no input norm)
         rather than call them: both plain modules (see [`plain_kv_proj`])."""
-        return self.plain_kv_proj() and (norm is None or _plain(norm, nn.LayerNorm))
+        return self.plain_kv_proj() and (norm is None or plain(norm, nn.LayerNorm))
 
     def kv_weights(self, norm: nn.LayerNorm | None) -> tuple[Tensor, Tensor | None]:
         """`kv_proj`'s weight and bias with the input norm's affine folded in ([`fold_norm_affine`]) for a plain
@@ -295,7 +290,7 @@ class PerceiverCrossAttention(PerceiverAttention):
         if self.folds(norm):
             x = context.materialize() if norm is None else context.normalized(norm.eps)
             kv = F.linear(x, *self.kv_weights(norm))
-        elif _plain(norm, nn.LayerNorm):
+        elif plain(norm, nn.LayerNorm):
             kv = self.kv_proj(context.normalized(norm.eps) * norm.weight + norm.bias)
         else:
             x = context.materialize()
@@ -429,9 +424,10 @@ class PerceiverBlock(GradientCheckpointingLayer):
         # On CUDA in half precision each residual branch may run as one fused autograd node (fused_block.py).
         fused = fused_dtype(hidden_states)
         fuse_attn = (
-            context is None and fused is not None and self_attention_fits(self.attn, kwargs.get("output_attentions"))
+            context is None and fused is not None
+            and self_attention_fits(self.norm1, self.attn, kwargs.get("output_attentions"))
         )
-        fuse_mlp = fused is not None and mlp_fits(self.mlp)
+        fuse_mlp = fused is not None and mlp_fits(self.norm2, self.mlp)
         # What runs as modules converts its projection weights together (weight_cast.py); a block recomputed under
         # activation checkpointing does not, so that its forward and its recompute take the same path.
         linears = [] if fuse_attn else self.attn.projections()

@@ -89,10 +89,16 @@ def _target_dtype(x: Tensor) -> torch.dtype | None:
     return dtype if dtype in HALF else None
 
 
+def plain(module: nn.Module | None, cls: type[nn.Module]) -> bool:
+    """`module` is exactly a `cls` without hooks of its own, so that computing with its parameters is calling it (a
+    subclass, such as a PEFT wrapper, or a hooked module has to be called)."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def _castable(linear: nn.Module, dtype: torch.dtype) -> bool:
     """A plain `nn.Linear` without hooks (so calling it is exactly `F.linear`) whose parameters autocast would
     convert to `dtype`."""
-    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+    if not plain(linear, nn.Linear):
         return False
     weight = linear.weight
     if type(weight) not in (nn.Parameter, Tensor) or weight.dtype == dtype or not weight.is_floating_point():
@@ -141,7 +147,9 @@ def cast_projections(
             for key, compute in computed.items():
                 if key not in store:
                     weight, bias = compute()
-                    if weight.dtype != dtype and weight.is_floating_point():
+                    if weight.dtype == dtype:  # half-precision parameters: nothing to convert, keep the result
+                        store[key] = (weight, bias)
+                    else:
                         entries[key] = (weight, bias)
     if entries:
         tensors = [t for pair in entries.values() for t in pair if t is not None]
@@ -149,10 +157,10 @@ def cast_projections(
         # a weight gradient nobody reads.
         trained = [t for t in tensors if grad and t.requires_grad]
         frozen = [t for t in tensors if not (grad and t.requires_grad)]
-        converted = dict(zip(map(id, trained), _CastParameters.apply(dtype, *trained))) if trained else {}
-        converted.update(zip(map(id, frozen), cast_tensors(dtype, *frozen)))
+        copies = dict(zip(map(id, trained), _CastParameters.apply(dtype, *trained))) if trained else {}
+        copies.update(zip(map(id, frozen), cast_tensors(dtype, *frozen)))
         for key, (weight, bias) in entries.items():
-            store[key] = (converted[id(weight)], None if bias is None else converted[id(bias)])
+            store[key] = (copies[id(weight)], None if bias is None else copies[id(bias)])
     token = _active.set(store)
     try:
         yield
@@ -176,4 +184,4 @@ def project(linear: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x, *cast)
 
 
-__all__ = ["cast_projections", "cast_tensors", "converted", "enabled", "project", "shared_casts"]
+__all__ = ["cast_projections", "cast_tensors", "converted", "enabled", "plain", "project", "shared_casts"]

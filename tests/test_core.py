@@ -471,8 +471,8 @@ def test_block_norms_are_layer_norms():
 
 
 def test_fused_branches_are_gpu_half_precision_only():
-    """The fused residual branches (fused_block.py) never run off CUDA, in fp32, or on wrapped projections; the GPU
-    tests compare them with the module path that runs here."""
+    """The fused residual branches (fused_block.py) never run off CUDA, in fp32, or on wrapped or hooked modules; the
+    GPU tests compare them with the module path that runs here."""
     from hf_flash_perceiver.fused_block import fused_dtype, mlp_fits, self_attention_fits
 
     model = build(small_config(latent_dim=32, latent_head_dim=8), "sdpa")
@@ -480,14 +480,22 @@ def test_fused_branches_are_gpu_half_precision_only():
     assert fused_dtype(torch.randn(2, 3, 32)) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused_dtype(torch.randn(2, 3, 32)) is None
-    assert self_attention_fits(block.attn, False) and mlp_fits(block.mlp)
-    assert not self_attention_fits(block.attn, True)  # attention maps: the module path computes them
+    assert self_attention_fits(block.norm1, block.attn, False) and mlp_fits(block.norm2, block.mlp)
+    assert not self_attention_fits(block.norm1, block.attn, True)  # attention maps: the module path computes them
+    # A hook on a norm or a projection must run: the branch, which computes with their weights, would skip it.
+    handle = block.norm1.register_forward_hook(lambda *args: None)
+    assert not self_attention_fits(block.norm1, block.attn, False)
+    handle.remove()
+    handle = block.mlp.fc2.register_forward_pre_hook(lambda *args: None)
+    assert not mlp_fits(block.norm2, block.mlp)
+    handle.remove()
+    assert self_attention_fits(block.norm1, block.attn, False) and mlp_fits(block.norm2, block.mlp)
 
     class Wrapped(torch.nn.Linear):
         pass
 
     block.mlp.fc1 = Wrapped(32, block.mlp.fc1.out_features)
-    assert not mlp_fits(block.mlp)
+    assert not mlp_fits(block.norm2, block.mlp)
 
 
 def test_fused_branches_context_sets_and_restores():
