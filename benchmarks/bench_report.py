@@ -46,7 +46,7 @@ def load(path: str | Path) -> dict:
 
 
 # Results of the other scripts (long_inputs.py, multi_gpu.py) share the folder but not the schema.
-OTHER_RESULTS = ("-long-inputs", "-multi-gpu", "-pretrained-shapes", "-trainer")
+OTHER_RESULTS = ("-attention-backends", "-long-inputs", "-multi-gpu", "-pretrained-shapes", "-trainer")
 
 
 # Options that make a run measure a part of the harness on purpose (an A/B of some variants, one config).

@@ -7,9 +7,10 @@ returns `(output (batch, q_len, heads, head_dim), attention weights or None)`.
 Backends:
 
 - `"sdpa"` (default): `torch.nn.functional.scaled_dot_product_attention`. Unmasked, PyTorch picks its fused kernel
-  (FlashAttention-2 / cuDNN on CUDA). With a key-padding mask on CUDA in half precision the cuDNN kernel is *forced*:
-  left to itself SDPA falls back to its memory-efficient kernel, which is several times slower for long masked
-  cross-attention (`benchmarks/attention_kernels.py` measures the choices).
+  (FlashAttention-2 / cuDNN on CUDA), except that FlashAttention-2 is tried first for a few query tiles over a long
+  input, where cuDNN leaves the GPU mostly idle (`flash_beats_cudnn`). With a key-padding mask on CUDA in half
+  precision the cuDNN kernel is *forced*: left to itself SDPA falls back to its memory-efficient kernel, which is
+  several times slower for long masked cross-attention (`benchmarks/attention_kernels.py` measures the choices).
 - `"varlen"`: PyTorch's own FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`, CUDA, half
   precision) on packed keys when a mask is present; SDPA otherwise.
 - `"flash_attention_2"`: the optional `flash-attn` package (`flash_attn_func`, and `flash_attn_varlen_func` on packed
@@ -27,6 +28,7 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +127,28 @@ def is_wide_head(query: Tensor, v_head_dim: int) -> bool:
     )
 
 
+# Unmasked calls where FlashAttention-2 beats SDPA's own choice (cuDNN on Hopper): cuDNN's kernels give each
+# (sample, head, 128-query tile) one thread block and walk the whole key axis inside it, so a call with a few such
+# tiles over a long input (latents cross-attending to long inputs at a small batch) leaves most of the GPU idle;
+# FlashAttention-2 splits a long key axis over thread blocks in forward and is parallel over key blocks in backward.
+# Thresholds from `benchmarks/attention_kernels.py --backends` (forward + backward, 256 queries, head widths 32 to
+# 128): at 65 536 keys and more with at most 32 tiles FlashAttention-2 took 0.16 to 0.98 of cuDNN's time; with more
+# tiles, or fewer keys, SDPA's own choice was within a few percent of the faster kernel.
+FLASH_MIN_KEYS = 65536
+FLASH_MAX_QUERY_TILES = 32
+
+
+def flash_beats_cudnn(batch: int, heads: int, q_len: int, kv_len: int) -> bool:
+    """Whether an unmasked fused call of this shape runs faster on FlashAttention-2 than on cuDNN (see above)."""
+    return kv_len >= FLASH_MIN_KEYS and batch * heads * -(-q_len // 128) <= FLASH_MAX_QUERY_TILES
+
+
+# SDPA's backends in the order an unmasked long-input call tries them (FlashAttention-2 first, then SDPA's usual
+# order), where `sdpa_kernel` takes `set_priority` (recent torch releases; SDPA keeps its own order on older ones).
+_FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_HAS_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
 def gemm_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
 ) -> Tensor:
@@ -147,7 +171,15 @@ def sdpa_attention(
 ) -> tuple[Tensor, None]:
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        batch, q_len, heads = query.shape[:3]
+        if (
+            _HAS_SET_PRIORITY and not torch.compiler.is_compiling() and fused_kernels_fit(query, value)
+            and flash_beats_cudnn(batch, heads, q_len, key.shape[1])
+        ):
+            with sdpa_kernel(_FLASH_FIRST, set_priority=True):
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
         return out.transpose(1, 2), None
     attn_mask = mask.mask[:, None, None, :]
     if fused_kernels_fit(query, value):

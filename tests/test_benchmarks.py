@@ -304,8 +304,10 @@ def test_newest_results_prefers_real_runs_over_smoke(tmp_path):
     for name in ("2026-01-02-nvidia-h100-80gb-hbm3.json", "2026-03-01-cpu-smoke.json", "2025-12-31-nvidia-h200.json"):
         (tmp_path / name).write_text("{}")
     assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"
-    # The long-input and multi-GPU scripts write other schemas into the same folder: never "the newest results".
-    for name in ("2026-02-01-nvidia-h200-long-inputs.json", "2026-02-01-nvidia-h200-multi-gpu.json"):
+    # The long-input, multi-GPU and attention-kernel scripts write other schemas into the same folder: never "the
+    # newest results".
+    for name in ("2026-02-01-nvidia-h200-long-inputs.json", "2026-02-01-nvidia-h200-multi-gpu.json",
+                 "2026-02-01-nvidia-h200-attention-backends.json"):
         (tmp_path / name).write_text("{}")
     assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"
     # A later run cut short by its time budget, or one whose peer was not installed, keeps its file but not the table.

@@ -12,7 +12,9 @@ from transformers import AutoConfig, AutoModel
 
 import hf_flash_perceiver
 from hf_flash_perceiver import PerceiverConfig, PerceiverModel
-from hf_flash_perceiver.attention_backends import KeyPaddingMask, attention
+from hf_flash_perceiver.attention_backends import (
+    FLASH_MIN_KEYS, KeyPaddingMask, attention, flash_beats_cudnn, fused_kernels_fit,
+)
 from hf_flash_perceiver.input_preparation import prepare_inputs
 
 from core_common import CPU_BACKENDS, FP32_TOL, OpCounter, build, make_inputs, random_config, small_config
@@ -289,6 +291,29 @@ def test_attention_entry_point_matches_across_backends():
     _, w2 = attention(q, k, v, mask, implementation="sdpa", output_attentions=True)
     torch.testing.assert_close(w2, w)
 
+
+
+@pytest.mark.parametrize("batch, heads, q_len, kv_len, flash", [
+    (8, 1, 256, 131072, True),  # latents over a long input at a small batch
+    (1, 1, 256, 65536, True),
+    (2, 8, 256, 524288, True),  # 32 query tiles: the most that still goes to FlashAttention-2
+    (2, 8, 257, 524288, False),  # one more query tile per head
+    (8, 8, 256, 131072, False),  # enough tiles for cuDNN to fill the GPU
+    (16, 1, 256, 32768, False),  # too few keys
+    (128, 1, 256, 4096, False),  # the seed benchmark's cross-attention
+])
+def test_flash_beats_cudnn_rule(batch, heads, q_len, kv_len, flash):
+    assert flash_beats_cudnn(batch, heads, q_len, kv_len) is flash
+
+
+def test_sdpa_dispatch_rule_needs_a_fused_cuda_call():
+    # On the CPU (and for fp32, masks, wide heads) SDPA keeps its own choice: the rule only reorders fused kernels.
+    q = torch.randn(1, 256, 1, 8)
+    k = v = torch.randn(1, FLASH_MIN_KEYS, 1, 8)
+    assert flash_beats_cudnn(1, 1, 256, FLASH_MIN_KEYS) and not fused_kernels_fit(q, v)
+    out, _ = attention(q, k, v, None, implementation="sdpa")
+    ref, _ = attention(q, k, v, None, implementation="eager")
+    torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
 
 # ------------------------------------------------------------------ HF integration
 

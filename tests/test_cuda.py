@@ -10,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_flash_perceiver import PerceiverModel
+from hf_flash_perceiver.attention_backends import attention
 
 from reference import reference_forward
 from core_common import OpCounter, build, make_inputs, random_config, small_config
@@ -114,6 +115,38 @@ def test_unmasked_sdpa_uses_fused_kernel():
     assert any("flash_attention" in o or "cudnn_attention" in o for o in ops)
     assert not any("efficient_attention" in o or o.endswith("attention_math") for o in ops)
 
+
+
+@pytest.mark.parametrize("batch, heads, kv_len, kernel", [
+    (2, 1, 65536, "aten::_scaled_dot_product_flash_attention"),  # few query tiles over a long input
+    (16, 8, 4096, "aten::_scaled_dot_product_cudnn_attention"),  # SDPA's own choice on Hopper
+])
+def test_unmasked_sdpa_kernel_choice_and_numerics(batch, heads, kv_len, kernel):
+    """The "sdpa" backend sends a few query tiles over a long input to FlashAttention-2 and leaves other calls to
+    SDPA's choice; either way forward and gradients match the fp32 eager reference on fresh random inputs."""
+    if "cudnn" in kernel and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("SDPA prefers cuDNN attention on Hopper and newer only")
+    g = torch.Generator(device="cuda").manual_seed(kv_len)
+    q, k, v = (torch.randn(batch, n, heads, 64, device="cuda", generator=g) for n in (256, kv_len, kv_len))
+    grad = torch.randn(batch, 256, heads, 64, device="cuda", generator=g)
+    half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        out, _ = attention(*half, None, implementation="sdpa")
+        out.backward(grad.bfloat16())
+        return out
+
+    ops = _ops(step)
+    assert kernel in ops, sorted(o for o in ops if "attention" in o)
+    for t in half:
+        t.grad = None
+    out = step()
+    ref, _ = attention(*full, None, implementation="eager")
+    ref.backward(grad)
+    assert rel_err(out, ref) <= BF16_REL_TOL
+    for got, want in zip(half, full):
+        assert rel_err(got.grad, want.grad) <= BF16_GRAD_REL_TOL
 
 def test_gradients_bf16_close_to_fp32():
     cfg = small_config(latent_dim=64, cross_head_dim=32, latent_head_dim=32, latent_rotary_emb_dim=16)
