@@ -292,7 +292,6 @@ def test_attention_entry_point_matches_across_backends():
     torch.testing.assert_close(w2, w)
 
 
-
 @pytest.mark.parametrize("batch, heads, q_len, kv_len, flash", [
     (8, 1, 256, 131072, True),  # latents over a long input at a small batch
     (1, 1, 256, 65536, True),
@@ -314,6 +313,7 @@ def test_sdpa_dispatch_rule_needs_a_fused_cuda_call():
     out, _ = attention(q, k, v, None, implementation="sdpa")
     ref, _ = attention(q, k, v, None, implementation="eager")
     torch.testing.assert_close(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+
 
 # ------------------------------------------------------------------ HF integration
 

@@ -116,7 +116,6 @@ def test_unmasked_sdpa_uses_fused_kernel():
     assert not any("efficient_attention" in o or o.endswith("attention_math") for o in ops)
 
 
-
 @pytest.mark.parametrize("batch, heads, kv_len, kernel", [
     (2, 1, 65536, "aten::_scaled_dot_product_flash_attention"),  # few query tiles over a long input
     (16, 8, 4096, "aten::_scaled_dot_product_cudnn_attention"),  # SDPA's own choice on Hopper
@@ -147,6 +146,7 @@ def test_unmasked_sdpa_kernel_choice_and_numerics(batch, heads, kv_len, kernel):
     assert rel_err(out, ref) <= BF16_REL_TOL
     for got, want in zip(half, full):
         assert rel_err(got.grad, want.grad) <= BF16_GRAD_REL_TOL
+
 
 def test_gradients_bf16_close_to_fp32():
     cfg = small_config(latent_dim=64, cross_head_dim=32, latent_head_dim=32, latent_rotary_emb_dim=16)
