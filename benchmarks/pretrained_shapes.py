@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time this package's model with weight_cast.enabled = False (autocast converting "
                              "each weight and gradient on its own, the path before block-wise conversion), as the "
                              "record's 'hf-flash-perceiver+autocast-casts'")
+    parser.add_argument("--encoder-graphs", action="store_true",
+                        help="also time this package's model with encoder_graphs.enabled = True (the opt-in CUDA "
+                             "graphs of the encoder), as the record's 'hf-flash-perceiver+encoder-graphs'")
     parser.add_argument("--compile", action="store_true",
                         help="also time both models under torch.compile ('transformers+compile', "
                              "'hf-flash-perceiver+compile') and this package's with CUDA graphs "
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"card": card, "torch": torch.__version__, "batch": batch, "records": []}
     import transformers
 
-    from hf_flash_perceiver import weight_cast
+    from hf_flash_perceiver import encoder_graphs, weight_cast
     from hf_flash_perceiver.fused_block import fused_branches
 
     payload["transformers"] = transformers.__version__
@@ -200,22 +203,26 @@ def main(argv: list[str] | None = None) -> dict:
         kw_theirs, kw_ours = batch_for(name, size, batch, config, device)
         record = {"shape": name, "input_size": size,
                   "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
-        # (impl, model, inputs, fused branches, block-wise weight conversion, torch.compile mode or None)
-        runs = [("transformers", theirs, kw_theirs, False, True, None),
-                ("hf-flash-perceiver", ours, kw_ours, False, True, None)]
+        # (impl, model, inputs, fused branches, block-wise weight conversion, encoder CUDA graphs, torch.compile mode
+        # or None)
+        runs = [("transformers", theirs, kw_theirs, False, True, False, None),
+                ("hf-flash-perceiver", ours, kw_ours, False, True, False, None)]
+        if args.encoder_graphs:
+            runs.append(("hf-flash-perceiver+encoder-graphs", ours, kw_ours, False, True, True, None))
         if args.fused_branches:
-            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True, None))
+            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True, False, None))
         if args.autocast_casts:
-            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False, None))
+            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False, False, None))
         if args.compile:
-            runs += [("transformers+compile", theirs, kw_theirs, False, True, "default"),
-                     ("hf-flash-perceiver+compile", ours, kw_ours, False, True, "default"),
-                     ("hf-flash-perceiver+compile-cudagraphs", ours, kw_ours, False, True, "reduce-overhead")]
-        for impl, model, kwargs, fused, cast, mode in runs:
+            runs += [("transformers+compile", theirs, kw_theirs, False, True, False, "default"),
+                     ("hf-flash-perceiver+compile", ours, kw_ours, False, True, False, "default"),
+                     ("hf-flash-perceiver+compile-cudagraphs", ours, kw_ours, False, True, False, "reduce-overhead")]
+        for impl, model, kwargs, fused, cast, graphs, mode in runs:
             if impl in args.skip.split(","):
                 continue
             model.to(device)
             previous, weight_cast.enabled = weight_cast.enabled, cast
+            encoder_graphs.enabled = graphs
             try:
                 with fused_branches(fused):
                     runner = model if mode is None else torch.compile(model, mode=mode)
@@ -228,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} {impl} failed: {record[impl]['error']}", file=sys.stderr, flush=True)
             finally:
                 weight_cast.enabled = previous
+                encoder_graphs.enabled = False
+                # Each record's peak memory is its own: graphs captured for one record hold their memory until dropped.
+                encoder_graphs.reset()
                 runner = None
             # Under CUDA graphs the gradients live in the graphs' memory pool: drop them before moving the model.
             model.zero_grad(set_to_none=True)

@@ -133,6 +133,11 @@ IMPLS: dict[str, ImplSpec] = {
     "hf-flash-perceiver+xattn-ckpt+grad-ckpt": ImplSpec(
         ("seed",), lambda s, a: build_ours(s, "sdpa", cross_attention_checkpointing=True, gradient_checkpointing=True)
     ),
+    # The eager path with the opt-in CUDA graphs of the encoder (encoder_graphs.py): still eager PyTorch, no
+    # compilation, the encoder's kernels replayed once a call signature repeats.
+    "hf-flash-perceiver+encoder-graphs": ImplSpec(
+        ("seed", "io"), lambda s, a: build_ours(s, "sdpa", enabled=("encoder_graphs",))
+    ),
     "hf-flash-perceiver+varlen": ImplSpec(("masked",), lambda s, a: build_ours(s, "varlen")),
     # The opt-in fused residual branches (every branch that fits), side by side with the default module path.
     "hf-flash-perceiver+fused-branches": ImplSpec(
@@ -374,6 +379,8 @@ def free_memory(device: torch.device, compiled: bool) -> None:
     if compiled:
         torch._dynamo.reset()
     if device.type == "cuda":
+        # The encoder's CUDA graphs hold their activations' memory until dropped.
+        importlib.import_module("hf_flash_perceiver.encoder_graphs").reset()
         # Reference cycles can keep the last record's CUDA tensors alive into the next record's peak-memory
         # measurement. Off the GPU no memory is measured, and a full collection with transformers imported costs
         # about a second per record: most of a smoke run.

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput
+from .encoder_graphs import run_encoder
 from .layers import AttentionSpec, PerceiverBlock
 from .weight_cast import shared_casts
 
@@ -45,7 +46,15 @@ class PerceiverEncoder(nn.Module):
         return min(i, len(self.cross_layers) - 1)
 
     def forward(self, latents: Tensor, contexts: list[CrossInput], **kwargs) -> Tensor:
-        """Run every block over `latents`, block `i` cross-attending to `contexts[i]`; returns the final latents."""
+        """Run every block over `latents`, block `i` cross-attending to `contexts[i]`; returns the final latents.
+
+        With the opt-in `encoder_graphs.enabled`, a CUDA call whose signature repeats is replayed from a CUDA graph
+        (encoder_graphs.py)."""
+        graphed = self._replay(latents, contexts, kwargs)
+        return self.run_blocks(latents, contexts, **kwargs) if graphed is None else graphed
+
+    def run_blocks(self, latents: Tensor, contexts: list[CrossInput], **kwargs) -> Tensor:
+        """The blocks, eagerly: what [`forward`] runs, or captures."""
         for i, context in enumerate(contexts):
             self.cross_layers[self.block_index(i)].prepare(context)
         x = latents
@@ -58,6 +67,31 @@ class PerceiverEncoder(nn.Module):
                     for layer in self.self_layers[b]:
                         x, _ = layer(x, **kwargs)
         return x
+
+    def _replay(self, latents: Tensor, contexts: list[CrossInput], kwargs: dict) -> Tensor | None:
+        """The graph replay of this call, or None where it runs eagerly: the captured encoder takes plain input
+        tensors (no masks, zero tokens, shards or chunking) and records no attention maps."""
+        if not latents.is_cuda or kwargs.get("output_attentions") or self.config.cross_attention_checkpointing:
+            return None
+        unique: list[CrossInput] = []
+        structure = []
+        for context in contexts:
+            if context.mask is not None or context.prefix is not None or context.shard is not None:
+                return None
+            # Blocks reading one input share its CrossInput (and its LayerNorm cache): so do their replays.
+            j = next((j for j, u in enumerate(unique) if u is context), None)
+            if j is None:
+                unique.append(context)
+                j = len(unique) - 1
+            structure.append(j)
+
+        def run(latents: Tensor, *tokens: Tensor) -> Tensor:
+            shared = [CrossInput(t) for t in tokens]
+            return self.run_blocks(latents, [shared[j] for j in structure])
+
+        return run_encoder(
+            self, run, latents, [c.tokens for c in unique], tuple(structure), self.config._attn_implementation or "sdpa"
+        )
 
 
 def drop_tokens(x: Tensor, p: float) -> Tensor:

@@ -194,23 +194,29 @@ def test_a_spent_time_budget_skips_records_but_writes_the_file(tmp_path):
 
 
 def test_harness_switches_turn_package_switches_off_around_a_forward():
-    """An A/B variant turns its package switch off for its own forwards only, and names only real switches."""
+    """An A/B variant turns its package switch off (an opt-in one on) for its own forwards only, and names only real
+    switches."""
     import importlib
 
-    from bench_peers import SWITCHES, HFFlashPerceiver
+    from bench_peers import OPT_IN, SWITCHES, HFFlashPerceiver
 
     seen = []
 
+    def setting(name):
+        return importlib.import_module(f"hf_flash_perceiver.{name}").enabled
+
     class Probe(nn.Module):
         def forward(self, inputs, attention_mask=None):
-            seen.append({name: importlib.import_module(f"hf_flash_perceiver.{name}").enabled for name in SWITCHES})
+            seen.append({name: setting(name) for name in SWITCHES + OPT_IN})
             return type("Out", (), {"last_hidden_state": inputs})()
 
-    HFFlashPerceiver(Probe(), disabled=("fused_norm", "weight_cast"))(torch.zeros(1))
-    assert seen[-1] == {"weight_cast": False, "fused_activation": True, "fused_norm": False}
-    assert all(importlib.import_module(f"hf_flash_perceiver.{name}").enabled for name in SWITCHES)
+    HFFlashPerceiver(Probe(), disabled=("fused_norm", "weight_cast"), enabled=("encoder_graphs",))(torch.zeros(1))
+    assert seen[-1] == {"weight_cast": False, "fused_activation": True, "fused_norm": False, "encoder_graphs": True}
+    assert all(setting(name) for name in SWITCHES) and not any(setting(name) for name in OPT_IN)
     with pytest.raises(ValueError, match="disabled names switches"):
         HFFlashPerceiver(Probe(), disabled=("fused_nrom",))
+    with pytest.raises(ValueError, match="enabled names opt-in switches"):
+        HFFlashPerceiver(Probe(), enabled=("fused_norm",))
 
 
 def test_cli_rejects_unknown_names():
@@ -322,6 +328,9 @@ def test_newest_results_prefers_real_runs_over_smoke(tmp_path):
     assert report.newest_results(tmp_path).name == "2026-01-02-nvidia-h100-80gb-hbm3.json"
     (tmp_path / "2026-04-03-nvidia-h200.json").write_text(json.dumps({"complete": True, "records": [],
                                                                       "argv": ["--time-budget-s", "400"]}))
+    assert report.newest_results(tmp_path).name == "2026-04-03-nvidia-h200.json"
+    # A complete run made with an opt-in switch on for all of it is not the default path: never the table.
+    (tmp_path / "2026-04-04-nvidia-h200-encoder-graphs-on.json").write_text(json.dumps({"complete": True, "records": []}))
     assert report.newest_results(tmp_path).name == "2026-04-03-nvidia-h200.json"
 
 

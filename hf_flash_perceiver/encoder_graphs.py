@@ -1,0 +1,329 @@
+"""Opt-in: the encoder's forward (and, in training, its backward) replayed as CUDA graphs on the eager path.
+
+An eager step of these models is bound by the host: the latent arrays are small, so the GPU finishes each of the
+encoder's ~1 000 kernels faster than Python, autograd and the dispatcher issue the next one. A CUDA graph issues all
+of them with one call. `torch.compile(mode="reduce-overhead")` does this for compiled models; with `enabled = True`
+the eager encoder is captured once its calls repeat with one signature, and replayed after that.
+
+Off by default: a capture that fails leaves CUDA's random-number generator unusable for the rest of the process
+(the next dropout or `torch.randn` on the GPU raises), so the switch stays off until every training-loop pattern it
+meets is known to capture.
+
+The capture follows `torch.cuda.make_graphed_callables` (warm-up, forward and backward graphs in one memory pool, one
+autograd node replaying them), with what an automatic use needs on top:
+
+- inputs and parameters enter the capture as leaves made on the capturing stream (sharing their memory): autograd
+  ends a backward by waiting on the stream each leaf last ran on, and a parameter's own leaf node outlives a step
+  whenever anything of the last step's graph does (a loss kept until the next iteration);
+- parameter gradients leave as fresh tensors, never views of the graph's memory: autograd may keep such a view as
+  `.grad`, and the next replay would overwrite it (accumulated gradients would come out doubled);
+- the output is copied out of the graph, so that a `last_hidden_state` the caller keeps stays what it was;
+- a graph's saved activations exist once: while the backward of one replay is still possible, another call of the
+  encoder runs eagerly instead of replaying;
+- a signature is captured after `WARMUP_CALLS` consecutive eager calls with it (one-off shapes never are), at most
+  `MAX_GRAPHS` are kept per encoder, and after a capture that fails nothing is captured again in the process (the
+  failure is logged once).
+
+What is captured is the eager encoder: same modules, same kernels, the same values up to the nondeterminism the
+kernels already have, except that replays run the fused residual branches (`fuse_branches`). Calls that record
+outputs (attention maps, hidden states), carry masks, zero tokens, context parallel shards, chunked cross-attention
+or activation checkpointing, run under `torch.compile`, off CUDA, with a backend other than `sdpa`, or on modules
+with hooks (FSDP, offloading, user hooks; transformers' inactive output recorders excepted), modules of other
+packages (a PEFT wrapper), or under a dispatch mode, saved-tensor hooks or anomaly detection, are never captured and
+run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:  # transformers' output recording (hidden states, attention maps): a replay would skip its hooks
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # a transformers without it: never capture rather than risk losing recorded outputs
+    _active_collector = None
+
+from .fused_activation import gated_activation
+from .fused_block import fused_branches
+from .fused_norm import FusedLayerNorm
+from .weight_cast import project
+
+logger = logging.getLogger(__name__)
+
+# The switch: `hf_flash_perceiver.encoder_graphs.enabled = True` before training. Read at every call of the encoder.
+enabled = False
+# The captured encoder runs the fused residual branches of the latent path (fused_block.py) where they fit. Eagerly
+# they are opt-in because each Triton launch costs more host time than the PyTorch ops it replaces; a replay costs no
+# host time per kernel, so there they only save device time. Read when a signature is captured.
+fuse_branches = True
+# Consecutive eager calls with one signature before it is captured: a signature seen once (the last, smaller batch of
+# an epoch; an evaluation batch) is not worth a capture.
+WARMUP_CALLS = 2
+# Graphs kept per encoder (each holds its activations' memory): training and evaluation, say.
+MAX_GRAPHS = 2
+# Iterations run on a side stream before capture, so that lazy initialisation (cuBLAS workspaces, cuDNN plans,
+# Triton compilation) happens outside the graph.
+_SIDE_STREAM_WARMUP = 2
+
+_OUTPUT_RECORDER_MODULE = "transformers.utils.output_capturing"
+# Set by a failed capture: CUDA's generator may be left mid-capture, and a second attempt would fail the same way.
+_capture_failed = False
+
+
+class _Pending:
+    """Lives as long as the autograd node of one replay: while it does, that replay's backward may still run."""
+
+
+class _Graphs:
+    """Per encoder: the signature of the last call, how many calls in a row had it, the captured graphs and the
+    replay whose backward is still possible."""
+
+    def __init__(self) -> None:
+        self.last_key: tuple | None = None
+        self.streak = 0
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.pending: weakref.ref | None = None
+
+    def backward_pending(self) -> bool:
+        return self.pending is not None and self.pending() is not None
+
+
+_state: weakref.WeakKeyDictionary[nn.Module, _Graphs] = weakref.WeakKeyDictionary()
+
+
+def _hooks_allow_capture(module: nn.Module) -> bool:
+    """No hook would be skipped by a replay: none on the module or globally, except transformers' output recorders,
+    which do nothing unless outputs are being recorded (and such calls are not captured)."""
+    for hooks in (module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks):
+        if hooks:
+            return False
+    return all(getattr(h, "__module__", None) == _OUTPUT_RECORDER_MODULE for h in module._forward_hooks.values())
+
+
+_PACKAGE = __name__.rpartition(".")[0]
+
+
+def _known(module: nn.Module) -> bool:
+    """A module of this package or of `torch.nn`: code whose ops are known to capture. Anything else (a PEFT
+    wrapper, a user's replacement) runs eagerly: a capture that fails leaves CUDA's random-number state unusable for
+    the rest of the process, so it is not attempted on unknown code."""
+    owner = type(module).__module__
+    return owner.startswith("torch.nn.") or owner.rpartition(".")[0] == _PACKAGE
+
+
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+def _switches() -> tuple:
+    """The package's kernel switches (the `enabled` of fused_block, fused_activation, fused_norm, weight_cast), read
+    from their modules by way of a function each defines (the modules are flat files, imported by name)."""
+    return tuple(sys.modules[f.__module__].enabled for f in (fused_branches, gated_activation, FusedLayerNorm, project))
+
+
+def _interposed() -> bool:
+    """Something that must see every op or every saved tensor is active, and a replay would bypass it: a dispatch
+    mode (FLOP counters, op counters), saved-tensor hooks (activation offloading), anomaly detection."""
+    if _get_current_dispatch_mode() is not None or torch.is_anomaly_enabled():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+
+
+def signature(
+    encoder: nn.Module, latents: Tensor, tokens: Sequence[Tensor], structure: tuple[int, ...], attn_implementation: str
+) -> tuple | None:
+    """Everything a replay depends on besides tensor values: shapes, dtypes, grad mode and autocast, the package's
+    kernel switches, the structure of the inputs, each module's training flag and where every parameter lives. None
+    when the call cannot be captured."""
+    if attn_implementation != "sdpa" or not latents.is_cuda or _global_hooks() or _interposed():
+        return None
+    layout = []
+    for module in encoder.modules():
+        if not _hooks_allow_capture(module) or not _known(module):
+            return None
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            return None
+        layout.append(module.training)  # dropout follows each module's own flag
+        for p in module._parameters.values():
+            if p is not None:
+                if not p.is_cuda:
+                    return None
+                layout.append((p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad))
+    autocast = torch.is_autocast_enabled("cuda")
+    return (
+        latents.device, encoder.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+        torch.get_autocast_dtype("cuda") if autocast else None,
+        _switches(), fuse_branches,
+        _tensor_key(latents), tuple(_tensor_key(t) for t in tokens), structure, tuple(layout),
+    )
+
+
+class _Captured:
+    """One captured signature: static inputs, the forward graph and (with grad) the backward graph."""
+
+    def __init__(self, encoder: nn.Module, run: Callable[..., Tensor], inputs: Sequence[Tensor], fuse: bool):
+        self.inputs = [torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t) for t in inputs]
+        named = dict(encoder.named_parameters())
+        self.params = list(named.values())
+        grad = torch.is_grad_enabled()
+        input_grads = [grad and t.requires_grad for t in inputs]
+        self.needs_grad = input_grads + [grad and p.requires_grad for p in self.params]
+        self.leaf_inputs = [t.is_leaf for t in inputs]
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+
+        def call() -> tuple[list[Tensor], Tensor]:
+            # What takes gradients enters as leaves made here, on the capturing stream, sharing memory with the
+            # inputs and parameters: autograd waits at the end of a backward on the stream each leaf last ran on, and
+            # a parameter's own leaf node outlives a step (held by any tensor of the last step's graph, such as a
+            # loss kept until the next one) with the eager stream cached, which a capture must not wait on.
+            leaves = [t.detach().requires_grad_() if needs else t for t, needs in zip(self.inputs, input_grads)]
+            proxies = {name: p.detach().requires_grad_(grad and p.requires_grad) for name, p in named.items()}
+            # Autocast's weight cache would hand the graph casts made outside it, which a replay would read stale.
+            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+                with fused_branches(True) if fuse else nullcontext(), _reparametrize_module(encoder, proxies):
+                    return [*leaves, *proxies.values()], run(*leaves)
+
+        def wrt(leaves: list[Tensor]) -> list[Tensor]:
+            return [t for t, needs in zip(leaves, self.needs_grad) if needs]
+
+        # Warm-up and capture on one stream, so that nothing captured waits on a stream outside the capture.
+        stream = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream):
+            for _ in range(_SIDE_STREAM_WARMUP):
+                leaves, out = call()
+                if out.requires_grad and wrt(leaves):
+                    torch.autograd.grad(out, wrt(leaves), torch.zeros_like(out), allow_unused=True)
+                del leaves, out
+        torch.cuda.synchronize()
+
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, stream=stream):
+            leaves, output = call()
+        self.grads: list[Tensor | None] = []
+        self.backward_graph = None
+        if output.requires_grad and wrt(leaves):
+            with torch.cuda.stream(stream):
+                self.grad_output = torch.empty_like(output)
+            self.backward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), stream=stream):
+                grads = iter(torch.autograd.grad(output, wrt(leaves), self.grad_output, allow_unused=True))
+            self.grads = [next(grads) if needs else None for needs in self.needs_grad]
+        torch.cuda.current_stream().wait_stream(stream)
+        self.output = output.detach()
+
+    def replay(self, inputs: Sequence[Tensor], state: _Graphs) -> Tensor:
+        if self.backward_graph is None:
+            for static, t in zip(self.inputs, inputs):
+                static.copy_(t)
+            self.forward_graph.replay()
+            return self.output.clone()
+        return _Replay.apply(self, state, *inputs, *self.params).clone()
+
+
+class _Replay(torch.autograd.Function):
+    """One autograd node for the captured encoder: forward replays the forward graph, backward the backward graph."""
+
+    @staticmethod
+    def forward(ctx, captured: _Captured, state: _Graphs, *surface: Tensor) -> Tensor:
+        for static, t in zip(captured.inputs, surface):
+            if static.data_ptr() != t.data_ptr():
+                static.copy_(t)
+        captured.forward_graph.replay()
+        ctx.captured, ctx.state = captured, state
+        ctx.pending = _Pending()
+        state.pending = weakref.ref(ctx.pending)
+        return captured.output.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        captured = ctx.captured
+        captured.grad_output.copy_(grad)
+        captured.backward_graph.replay()
+        ctx.state.pending = None
+        n_inputs = len(captured.inputs)
+        out = [None if g is None else g.detach() for g in captured.grads]
+        # Autograd may keep parameter (and leaf input) gradients as `.grad`: copies, not views of memory that the
+        # next replay overwrites; one multi-tensor kernel makes them.
+        kept = [i for i, g in enumerate(out) if g is not None and (i >= n_inputs or captured.leaf_inputs[i])]
+        for i, copy in zip(kept, torch._foreach_mul([out[i] for i in kept], 1.0)):
+            out[i] = copy
+        return (None, None, *out)
+
+
+def run_encoder(
+    encoder: nn.Module,
+    run: Callable[..., Tensor],
+    latents: Tensor,
+    tokens: Sequence[Tensor],
+    structure: tuple[int, ...],
+    attn_implementation: str,
+) -> Tensor | None:
+    """`run(latents, *tokens)` through a captured graph when this call's signature has one (capturing it when the
+    signature has repeated), else None: the caller then runs the encoder eagerly."""
+    global _capture_failed
+    if not enabled or _capture_failed or torch.compiler.is_compiling() or not latents.is_cuda:
+        return None
+    if torch.cuda.is_current_stream_capturing() or _active_collector is None or _active_collector.get():
+        return None
+    key = signature(encoder, latents, tokens, structure, attn_implementation)
+    if key is None:
+        return None
+    state = _state.get(encoder)
+    if state is None:
+        state = _state[encoder] = _Graphs()
+    if state.backward_pending():
+        return None
+    captured = state.graphs.get(key)
+    if captured is None:
+        state.streak = state.streak + 1 if key == state.last_key else 1
+        state.last_key = key
+        if state.streak <= WARMUP_CALLS:
+            return None
+        try:
+            captured = _Captured(encoder, run, [latents, *tokens], fuse_branches and not _switches()[0])
+        except Exception as error:  # out of memory, or an op that cannot be captured
+            _capture_failed = True
+            logger.warning(
+                "Could not capture the Perceiver encoder as a CUDA graph (%s): it runs eagerly from now on. A failure "
+                "inside the capture can leave CUDA's random-number generator unusable in this process (the next "
+                "dropout on the GPU raises); if it does, restart with hf_flash_perceiver.encoder_graphs.enabled = "
+                "False.", error,
+            )
+            return None
+        state.graphs[key] = captured
+        while len(state.graphs) > MAX_GRAPHS:
+            state.graphs.popitem(last=False)
+    state.graphs.move_to_end(key)
+    return captured.replay([latents, *tokens], state)
+
+
+def reset(encoder: nn.Module | None = None) -> None:
+    """Drop the captured graphs (of `encoder`, or of every encoder), freeing their memory."""
+    if encoder is None:
+        _state.clear()
+    else:
+        _state.pop(encoder, None)
+
+
+__all__ = ["MAX_GRAPHS", "WARMUP_CALLS", "enabled", "fuse_branches", "reset", "run_encoder", "signature"]

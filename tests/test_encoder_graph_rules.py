@@ -1,0 +1,56 @@
+"""The rules that keep a call of the encoder off the CUDA-graph path (encoder_graphs.py), on any device: the switch
+is opt-in, and hooks, foreign modules and interposed machinery are recognised. The captures themselves are checked on
+a GPU by test_encoder_graphs.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_flash_perceiver import encoder_graphs
+
+from core_common import build, small_config
+
+
+def test_switch_is_opt_in_and_cpu_calls_run_eagerly(monkeypatch):
+    assert encoder_graphs.enabled is False
+    model = build(small_config(), "sdpa", 0).train()
+    x = torch.randn(2, 9, 12)
+    want = model(x).last_hidden_state
+    monkeypatch.setattr(encoder_graphs, "enabled", True)
+    for _ in range(encoder_graphs.WARMUP_CALLS + 2):
+        got = model(x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same eager code on the same values, no graph
+    assert model.encoder not in encoder_graphs._state
+
+
+def test_known_modules_and_hooks():
+    model = build(small_config(), "sdpa", 0)
+    assert all(encoder_graphs._known(m) and encoder_graphs._hooks_allow_capture(m) for m in model.encoder.modules())
+
+    class Wrapped(nn.Linear):  # defined here, not in the package: its ops are not known to capture
+        pass
+
+    assert not encoder_graphs._known(Wrapped(2, 2))
+    # transformers' output recorders stay installed after a call that recorded hidden states; inactive, they allow it.
+    model(torch.randn(2, 9, 12), output_hidden_states=True)
+    block = model.encoder.self_layers[0][0]
+    assert block._forward_hooks and encoder_graphs._hooks_allow_capture(block)
+    handle = block.register_forward_hook(lambda *args: None)
+    assert not encoder_graphs._hooks_allow_capture(block)
+    handle.remove()
+    handle = block.register_forward_pre_hook(lambda *args: None)
+    assert not encoder_graphs._hooks_allow_capture(block)
+    handle.remove()
+
+
+def test_interposed_machinery_is_seen():
+    assert not encoder_graphs._interposed()
+    with FlopCounterMode(display=False):
+        assert encoder_graphs._interposed()
+    with torch.autograd.graph.save_on_cpu():
+        assert encoder_graphs._interposed()
+    with torch.autograd.detect_anomaly(check_nan=False):
+        assert encoder_graphs._interposed()
+    assert not encoder_graphs._interposed()
