@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput
+from .encoder_graphs import active as graphs_active
 from .encoder_graphs import run_encoder
 from .layers import AttentionSpec, PerceiverBlock
 from .weight_cast import shared_casts
@@ -71,7 +72,8 @@ class PerceiverEncoder(nn.Module):
     def _replay(self, latents: Tensor, contexts: list[CrossInput], kwargs: dict) -> Tensor | None:
         """The graph replay of this call, or None where it runs eagerly: the captured encoder takes plain input
         tensors (no masks, zero tokens, shards or chunking) and records no attention maps."""
-        if not latents.is_cuda or kwargs.get("output_attentions") or self.config.cross_attention_checkpointing:
+        if (not graphs_active() or not latents.is_cuda or kwargs.get("output_attentions")
+                or self.config.cross_attention_checkpointing):
             return None
         unique: list[CrossInput] = []
         structure = []

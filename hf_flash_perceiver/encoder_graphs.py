@@ -271,6 +271,11 @@ class _Replay(torch.autograd.Function):
         return (None, None, *out)
 
 
+def active() -> bool:
+    """Whether calls may replay (the switch is on and no capture has failed): the encoder asks before preparing one."""
+    return enabled and not _capture_failed
+
+
 def run_encoder(
     encoder: nn.Module,
     run: Callable[..., Tensor],
@@ -282,7 +287,7 @@ def run_encoder(
     """`run(latents, *tokens)` through a captured graph when this call's signature has one (capturing it when the
     signature has repeated), else None: the caller then runs the encoder eagerly."""
     global _capture_failed
-    if not enabled or _capture_failed or torch.compiler.is_compiling() or not latents.is_cuda:
+    if not active() or torch.compiler.is_compiling() or not latents.is_cuda:
         return None
     if torch.cuda.is_current_stream_capturing() or _active_collector is None or _active_collector.get():
         return None
@@ -326,4 +331,4 @@ def reset(encoder: nn.Module | None = None) -> None:
         _state.pop(encoder, None)
 
 
-__all__ = ["MAX_GRAPHS", "WARMUP_CALLS", "enabled", "fuse_branches", "reset", "run_encoder", "signature"]
+__all__ = ["MAX_GRAPHS", "WARMUP_CALLS", "active", "enabled", "fuse_branches", "reset", "run_encoder", "signature"]
