@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_flash_perceiver import encoder_graphs
 
-from core_common import build, small_config
+from core_common import FP32_TOL, build, small_config
 
 
 def test_switch_is_opt_in_and_cpu_calls_run_eagerly(monkeypatch):
@@ -21,8 +21,10 @@ def test_switch_is_opt_in_and_cpu_calls_run_eagerly(monkeypatch):
     monkeypatch.setattr(encoder_graphs, "enabled", True)
     for _ in range(encoder_graphs.WARMUP_CALLS + 2):
         got = model(x).last_hidden_state
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same eager code on the same values, no graph
+    # No graph off CUDA: nothing captured, and the same eager code on the same values (to fp32 rounding: two calls may
+    # get differently aligned buffers, which some CPU kernels round differently).
     assert model.encoder not in encoder_graphs._state
+    torch.testing.assert_close(got, want, rtol=FP32_TOL, atol=FP32_TOL)
 
 
 def test_known_modules_and_hooks():
