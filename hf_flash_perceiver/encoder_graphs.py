@@ -130,7 +130,7 @@ def _global_hooks() -> bool:
 
 def _switches() -> tuple:
     """The package's kernel switches (the `enabled` of fused_block, fused_activation, fused_norm, weight_cast), read
-    from their modules by way of a function each defines (the modules are flat files, imported by name)."""
+    from the module of a name each defines: Hub code sharing follows `from .x import y` imports, not `from . import x`."""
     return tuple(sys.modules[f.__module__].enabled for f in (fused_branches, gated_activation, FusedLayerNorm, project))
 
 
