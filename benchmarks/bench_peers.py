@@ -61,10 +61,9 @@ def num_params(module: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- this package
-# The package's module-level off switches (`<module>.enabled`) an A/B variant may turn off for its forwards, and its
-# opt-in ones (off by default) a variant may turn on.
-SWITCHES = ("weight_cast", "fused_activation", "fused_norm")
-OPT_IN = ("encoder_graphs",)
+# The package's module-level off switches (`<module>.enabled`, each on by default) an A/B variant may turn off for its
+# forwards.
+SWITCHES = ("weight_cast", "fused_activation", "fused_norm", "encoder_graphs")
 
 
 class HFFlashPerceiver(nn.Module):
@@ -73,37 +72,31 @@ class HFFlashPerceiver(nn.Module):
     package's default, the module path, when False), and `disabled` names package modules of `SWITCHES` whose
     `enabled` switch is off during them (the default path has every one on): `weight_cast` (autocast converting each
     projection weight instead of a block's together), `fused_activation` (the MLP activation in PyTorch's ops
-    instead of Triton kernels), `fused_norm` (every LayerNorm in PyTorch's op); `enabled` names modules of `OPT_IN`
-    whose switch is on during them: `encoder_graphs` (the encoder replayed from CUDA graphs once a call signature
-    repeats). Compiled models read the settings when traced, and are retraced when they change."""
+    instead of Triton kernels), `fused_norm` (every LayerNorm in PyTorch's op), `encoder_graphs` (the encoder run
+    eagerly every call instead of replayed from CUDA graphs). Compiled models read the settings when traced, and are
+    retraced when they change."""
 
-    def __init__(self, model: nn.Module, fused_branches: bool | str = False, disabled: tuple[str, ...] = (),
-                 enabled: tuple[str, ...] = ()):
+    def __init__(self, model: nn.Module, fused_branches: bool | str = False, disabled: tuple[str, ...] = ()):
         super().__init__()
         unknown = set(disabled) - set(SWITCHES)
         if unknown:
             raise ValueError(f"disabled names switches of {SWITCHES}, got {sorted(unknown)}")
-        unknown = set(enabled) - set(OPT_IN)
-        if unknown:
-            raise ValueError(f"enabled names opt-in switches of {OPT_IN}, got {sorted(unknown)}")
         self.model = model
         self.fused_branches = fused_branches
         self.disabled = tuple(disabled)
-        self.enabled = tuple(enabled)
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         from hf_flash_perceiver.fused_block import fused_branches
 
-        settings = [(name, False) for name in self.disabled] + [(name, True) for name in self.enabled]
-        modules = [(importlib.import_module(f"hf_flash_perceiver.{name}"), value) for name, value in settings]
-        previous = [module.enabled for module, _ in modules]
+        modules = [importlib.import_module(f"hf_flash_perceiver.{name}") for name in self.disabled]
+        previous = [module.enabled for module in modules]
         try:
-            for module, value in modules:
-                module.enabled = value
+            for module in modules:
+                module.enabled = False
             with fused_branches(self.fused_branches):
                 return self.model(inputs, attention_mask=mask).last_hidden_state
         finally:
-            for (module, _), setting in zip(modules, previous):
+            for module, setting in zip(modules, previous):
                 module.enabled = setting
 
 
@@ -130,11 +123,10 @@ def build_ours(
     gradient_checkpointing: bool = False,
     fused_branches: bool | str = False,
     disabled: tuple[str, ...] = (),
-    enabled: tuple[str, ...] = (),
 ) -> HFFlashPerceiver:
     """This package's `PerceiverModel` at `shape`, on backend `attn`, in training mode, its forwards run with the
     fused residual branches set to `fused_branches` (see `hf_flash_perceiver.fused_block`) and the package switches
-    named in `disabled` off and the opt-in ones named in `enabled` on (see [`HFFlashPerceiver`])."""
+    named in `disabled` off (see [`HFFlashPerceiver`])."""
     from hf_flash_perceiver import PerceiverConfig, PerceiverModel
 
     config = PerceiverConfig(**shape.as_dict(), cross_attention_checkpointing=cross_attention_checkpointing)
@@ -146,7 +138,7 @@ def build_ours(
         enable()
     model.train()
     return HFFlashPerceiver(torch.compile(model, fullgraph=True, mode=compile_mode) if compile else model,
-                            fused_branches, disabled, enabled)
+                            fused_branches, disabled)
 
 
 # ---------------------------------------------------------------------------------------------------- peers

@@ -47,9 +47,11 @@ def load(path: str | Path) -> dict:
 
 # Results of the other scripts (long_inputs.py, multi_gpu.py) share the folder but not the schema.
 OTHER_RESULTS = ("-attention-backends", "-long-inputs", "-multi-gpu", "-pretrained-shapes", "-trainer")
-# Complete runs of `run.py` made with an opt-in switch on by default for the whole run (so `hf-flash-perceiver` there
-# is not the package's default path): kept for their records, never the README table.
-SWITCHED_RUNS = ("-encoder-graphs-on",)
+# Complete runs of `run.py` that are not the code the package ships: made with a package switch set for the whole run
+# while it was being developed, or superseded by a later complete run of the same date (in a fresh clone every file
+# has the same modification time, so the date in the name cannot order them). Kept for their records, never the
+# README table.
+SWITCHED_RUNS = ("-encoder-graphs-on", "-superseded")
 
 
 # Options that make a run measure a part of the harness on purpose (an A/B of some variants, one config).

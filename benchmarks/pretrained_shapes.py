@@ -168,9 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time this package's model with weight_cast.enabled = False (autocast converting "
                              "each weight and gradient on its own, the path before block-wise conversion), as the "
                              "record's 'hf-flash-perceiver+autocast-casts'")
-    parser.add_argument("--encoder-graphs", action="store_true",
-                        help="also time this package's model with encoder_graphs.enabled = True (the opt-in CUDA "
-                             "graphs of the encoder), as the record's 'hf-flash-perceiver+encoder-graphs'")
+    parser.add_argument("--no-encoder-graphs", action="store_true",
+                        help="also time this package's model with encoder_graphs.enabled = False (the encoder run "
+                             "eagerly every call, not replayed from CUDA graphs), as the record's "
+                             "'hf-flash-perceiver+no-encoder-graphs'")
     parser.add_argument("--compile", action="store_true",
                         help="also time both models under torch.compile ('transformers+compile', "
                              "'hf-flash-perceiver+compile') and this package's with CUDA graphs "
@@ -205,24 +206,24 @@ def main(argv: list[str] | None = None) -> dict:
                   "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
         # (impl, model, inputs, fused branches, block-wise weight conversion, encoder CUDA graphs, torch.compile mode
         # or None)
-        runs = [("transformers", theirs, kw_theirs, False, True, False, None),
-                ("hf-flash-perceiver", ours, kw_ours, False, True, False, None)]
-        if args.encoder_graphs:
-            runs.append(("hf-flash-perceiver+encoder-graphs", ours, kw_ours, False, True, True, None))
+        runs = [("transformers", theirs, kw_theirs, False, True, True, None),
+                ("hf-flash-perceiver", ours, kw_ours, False, True, True, None)]
+        if args.no_encoder_graphs:
+            runs.append(("hf-flash-perceiver+no-encoder-graphs", ours, kw_ours, False, True, False, None))
         if args.fused_branches:
-            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True, False, None))
+            runs.append(("hf-flash-perceiver+fused-branches", ours, kw_ours, True, True, True, None))
         if args.autocast_casts:
-            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False, False, None))
+            runs.append(("hf-flash-perceiver+autocast-casts", ours, kw_ours, False, False, True, None))
         if args.compile:
-            runs += [("transformers+compile", theirs, kw_theirs, False, True, False, "default"),
-                     ("hf-flash-perceiver+compile", ours, kw_ours, False, True, False, "default"),
-                     ("hf-flash-perceiver+compile-cudagraphs", ours, kw_ours, False, True, False, "reduce-overhead")]
+            runs += [("transformers+compile", theirs, kw_theirs, False, True, True, "default"),
+                     ("hf-flash-perceiver+compile", ours, kw_ours, False, True, True, "default"),
+                     ("hf-flash-perceiver+compile-cudagraphs", ours, kw_ours, False, True, True, "reduce-overhead")]
         for impl, model, kwargs, fused, cast, graphs, mode in runs:
             if impl in args.skip.split(","):
                 continue
             model.to(device)
             previous, weight_cast.enabled = weight_cast.enabled, cast
-            encoder_graphs.enabled = graphs
+            previous_graphs, encoder_graphs.enabled = encoder_graphs.enabled, graphs
             try:
                 with fused_branches(fused):
                     runner = model if mode is None else torch.compile(model, mode=mode)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} {impl} failed: {record[impl]['error']}", file=sys.stderr, flush=True)
             finally:
                 weight_cast.enabled = previous
-                encoder_graphs.enabled = False
+                encoder_graphs.enabled = previous_graphs
                 # Each record's peak memory is its own: graphs captured for one record hold their memory until dropped.
                 encoder_graphs.reset()
                 runner = None

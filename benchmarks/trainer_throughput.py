@@ -9,7 +9,9 @@ A `PerceiverForSequenceClassification` of the seed configuration (depth 8 x (cro
 user's `Trainer` run does it: `bf16=True` autocast with fp32 weights, AdamW, gradient clipping at 1.0, the dataloader
 (pinned memory, host-to-device copies of every batch) and the loss the model returns. The record is samples/s over
 the steps after `--warmup` (the clock starts and stops with a device synchronisation), for each `--impls` entry --
-`eager` (what `Trainer` runs by default), `torch_compile` (`TrainingArguments(torch_compile=True)`) and
+`eager` (what `Trainer` runs by default: eager PyTorch, the encoder replayed from CUDA graphs once its calls repeat),
+`eager_no_encoder_graphs` (the same with `hf_flash_perceiver.encoder_graphs.enabled = False`: every kernel launched
+from Python), `torch_compile` (`TrainingArguments(torch_compile=True)`) and
 `torch_compile_cudagraphs` (`torch_compile=True, torch_compile_mode="reduce-overhead"`: CUDA graphs too) -- and each
 `--workers` count (`dataloader_num_workers`: 0 is Trainer's default, where the main process collates and pins every
 batch between steps; 4 persistent workers prepare them alongside). Results go to
@@ -77,12 +79,13 @@ def _clock(use_cuda: bool, warmup: int):
 
 # impl -> TrainingArguments.torch_compile_mode (None: torch.compile's default) for the compiled impls.
 COMPILE_MODES = {"torch_compile": None, "torch_compile_cudagraphs": "reduce-overhead"}
+EAGER = ("eager", "eager_no_encoder_graphs")
 
 
 def run_one(impl: str, workers: int, args, device: torch.device, workdir: Path) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    from hf_flash_perceiver import PerceiverConfig, PerceiverForSequenceClassification
+    from hf_flash_perceiver import PerceiverConfig, PerceiverForSequenceClassification, encoder_graphs
 
     shape = SMOKE_SHAPE if args.smoke else SEED_SHAPE.as_dict()
     torch.manual_seed(0)
@@ -101,7 +104,12 @@ def run_one(impl: str, workers: int, args, device: torch.device, workdir: Path) 
     trainer = Trainer(model=model, args=training, train_dataset=data, callbacks=[clock])
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    previous, encoder_graphs.enabled = encoder_graphs.enabled, impl != "eager_no_encoder_graphs"
+    try:
+        trainer.train()
+    finally:
+        encoder_graphs.enabled = previous
+        encoder_graphs.reset()
     seconds = clock.end - clock.start
     record = {
         "impl": impl, "workers": workers, "n": args.n, "batch": args.batch, "steps_timed": clock.steps,
@@ -120,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the harness)")
     parser.add_argument("--impls", default=None,
-                        help="comma-separated, of eager,torch_compile,torch_compile_cudagraphs (default: all; "
-                             "smoke: eager)")
+                        help="comma-separated, of eager,eager_no_encoder_graphs,torch_compile,"
+                             "torch_compile_cudagraphs (default: all; smoke: eager)")
     parser.add_argument("--workers", default=None, help="comma-separated dataloader workers (0,4; smoke: 0)")
     parser.add_argument("--n", type=int, default=None, help="tokens per sample (4096; 32 with --smoke)")
     parser.add_argument("--batch", type=int, default=None, help="per-device batch (128; 4 with --smoke)")
@@ -136,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (4 if small else 128)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 10)
     args.steps = args.steps or (2 if small else 40)
-    impls = (args.impls or ("eager" if small else "eager,torch_compile,torch_compile_cudagraphs")).split(",")
-    unknown = [impl for impl in impls if impl != "eager" and impl not in COMPILE_MODES]
+    default = "eager" if small else ",".join([*EAGER, *COMPILE_MODES])
+    impls = (args.impls or default).split(",")
+    unknown = [impl for impl in impls if impl not in EAGER and impl not in COMPILE_MODES]
     if unknown:
-        parser.error(f"unknown --impls {unknown}; expected of {['eager', *COMPILE_MODES]}")
+        parser.error(f"unknown --impls {unknown}; expected of {[*EAGER, *COMPILE_MODES]}")
     workers = [int(w) for w in (args.workers or ("0" if small else "0,4")).split(",")]
     device = torch.device("cpu" if small else "cuda")
     card = card_name(device)

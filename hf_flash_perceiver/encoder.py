@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention_backends import KeyPaddingMask
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput
 from .encoder_graphs import active as graphs_active
@@ -49,8 +50,7 @@ class PerceiverEncoder(nn.Module):
     def forward(self, latents: Tensor, contexts: list[CrossInput], **kwargs) -> Tensor:
         """Run every block over `latents`, block `i` cross-attending to `contexts[i]`; returns the final latents.
 
-        With the opt-in `encoder_graphs.enabled`, a CUDA call whose signature repeats is replayed from a CUDA graph
-        (encoder_graphs.py)."""
+        On CUDA, a call whose signature repeats is replayed from a CUDA graph (encoder_graphs.py, on by default)."""
         graphed = self._replay(latents, contexts, kwargs)
         return self.run_blocks(latents, contexts, **kwargs) if graphed is None else graphed
 
@@ -71,14 +71,14 @@ class PerceiverEncoder(nn.Module):
 
     def _replay(self, latents: Tensor, contexts: list[CrossInput], kwargs: dict) -> Tensor | None:
         """The graph replay of this call, or None where it runs eagerly: the captured encoder takes plain input
-        tensors (no masks, zero tokens, shards or chunking) and records no attention maps."""
+        tensors and their padding masks (no zero tokens, shards or chunking) and records no attention maps."""
         if (not graphs_active() or not latents.is_cuda or kwargs.get("output_attentions")
                 or self.config.cross_attention_checkpointing):
             return None
         unique: list[CrossInput] = []
         structure = []
         for context in contexts:
-            if context.mask is not None or context.prefix is not None or context.shard is not None:
+            if context.prefix is not None or context.shard is not None:
                 return None
             # Blocks reading one input share its CrossInput (and its LayerNorm cache): so do their replays.
             j = next((j for j, u in enumerate(unique) if u is context), None)
@@ -86,13 +86,21 @@ class PerceiverEncoder(nn.Module):
                 unique.append(context)
                 j = len(unique) - 1
             structure.append(j)
+        masked = tuple(c.mask is not None for c in unique)
+        # A mask enters the graph as its two tensors; its packed form (varlen backends) is never captured.
+        masks = [t for c in unique if c.mask is not None for t in (c.mask.mask, c.mask.has_keys)]
 
-        def run(latents: Tensor, *tokens: Tensor) -> Tensor:
-            shared = [CrossInput(t) for t in tokens]
+        def run(latents: Tensor, *tensors: Tensor) -> Tensor:
+            tokens, mask_parts = tensors[: len(unique)], iter(tensors[len(unique):])
+            shared = [
+                CrossInput(t, KeyPaddingMask(next(mask_parts), next(mask_parts)) if m else None)
+                for t, m in zip(tokens, masked)
+            ]
             return self.run_blocks(latents, [shared[j] for j in structure])
 
         return run_encoder(
-            self, run, latents, [c.tokens for c in unique], tuple(structure), self.config._attn_implementation or "sdpa"
+            self, run, latents, [*(c.tokens for c in unique), *masks], (tuple(structure), masked),
+            self.config._attn_implementation or "sdpa",
         )
 
 

@@ -1,13 +1,15 @@
-"""Opt-in: the encoder's forward (and, in training, its backward) replayed as CUDA graphs on the eager path.
+"""The encoder's forward (and, in training, its backward) replayed as CUDA graphs on the eager path.
 
 An eager step of these models is bound by the host: the latent arrays are small, so the GPU finishes each of the
 encoder's ~1 000 kernels faster than Python, autograd and the dispatcher issue the next one. A CUDA graph issues all
-of them with one call. `torch.compile(mode="reduce-overhead")` does this for compiled models; with `enabled = True`
-the eager encoder is captured once its calls repeat with one signature, and replayed after that.
+of them with one call. `torch.compile(mode="reduce-overhead")` does this for compiled models; here the eager encoder
+is captured once its calls repeat with one signature, and replayed after that: under `Trainer` or a plain loop, with
+no compilation.
 
-Off by default: a capture that fails leaves CUDA's random-number generator unusable for the rest of the process
-(the next dropout or `torch.randn` on the GPU raises), so the switch stays off until every training-loop pattern it
-meets is known to capture.
+On by default. `enabled = False` (or `HF_FLASH_PERCEIVER_ENCODER_GRAPHS=0` in the environment before import) turns
+it off; `reset()` frees the graphs' memory. A capture that fails inside CUDA leaves CUDA's random-number generator
+unusable for the rest of the process (the next dropout on the GPU raises), so everything that can be checked is
+checked before capturing, and nothing is captured after one failure.
 
 The capture follows `torch.cuda.make_graphed_callables` (warm-up, forward and backward graphs in one memory pool, one
 autograd node replaying them), with what an automatic use needs on top:
@@ -21,21 +23,23 @@ autograd node replaying them), with what an automatic use needs on top:
 - a graph's saved activations exist once: while the backward of one replay is still possible, another call of the
   encoder runs eagerly instead of replaying;
 - a signature is captured after `WARMUP_CALLS` consecutive eager calls with it (one-off shapes never are), at most
-  `MAX_GRAPHS` are kept per encoder, and after a capture that fails nothing is captured again in the process (the
-  failure is logged once).
+  `MAX_GRAPHS` are kept per encoder and at most `MAX_CAPTURES` made (inputs whose shapes keep changing stay eager);
+  a capture is not attempted without the free device memory its warm-up showed it needs;
+- capture errors are thread-local: a data loader's pinning thread may call CUDA meanwhile.
 
 What is captured is the eager encoder: same modules, same kernels, the same values up to the nondeterminism the
-kernels already have, except that replays run the fused residual branches (`fuse_branches`). Calls that record
-outputs (attention maps, hidden states), carry masks, zero tokens, context parallel shards, chunked cross-attention
-or activation checkpointing, run under `torch.compile`, off CUDA, with a backend other than `sdpa`, or on modules
-with hooks (FSDP, offloading, user hooks; transformers' inactive output recorders excepted), modules of other
-packages (a PEFT wrapper), or under a dispatch mode, saved-tensor hooks or anomaly detection, are never captured and
-run eagerly.
+kernels already have, except that replays run the fused residual branches (`fuse_branches`). Padding masks are inputs
+of the graph like the tokens (their values change from call to call, their shapes do not). Calls that record outputs
+(attention maps, hidden states), carry zero tokens, context parallel shards, chunked cross-attention or activation
+checkpointing, run under `torch.compile`, off CUDA, with a backend other than `sdpa`, or on modules with hooks (FSDP,
+offloading, user hooks; transformers' inactive output recorders excepted), modules of other packages (a PEFT
+wrapper), or under a dispatch mode, saved-tensor hooks or anomaly detection, are never captured and run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import weakref
 from collections import OrderedDict
@@ -60,8 +64,9 @@ from .weight_cast import project
 
 logger = logging.getLogger(__name__)
 
-# The switch: `hf_flash_perceiver.encoder_graphs.enabled = True` before training. Read at every call of the encoder.
-enabled = False
+# The switch, read at every call of the encoder: `hf_flash_perceiver.encoder_graphs.enabled = False` turns the graphs
+# off, as does HF_FLASH_PERCEIVER_ENCODER_GRAPHS=0 in the environment (for launchers that start the training script).
+enabled = os.environ.get("HF_FLASH_PERCEIVER_ENCODER_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
 # The captured encoder runs the fused residual branches of the latent path (fused_block.py) where they fit. Eagerly
 # they are opt-in because each Triton launch costs more host time than the PyTorch ops it replaces; a replay costs no
 # host time per kernel, so there they only save device time. Read when a signature is captured.
@@ -71,6 +76,13 @@ fuse_branches = True
 WARMUP_CALLS = 2
 # Graphs kept per encoder (each holds its activations' memory): training and evaluation, say.
 MAX_GRAPHS = 2
+# Captures per encoder, evicted ones included: inputs whose shapes cycle through more signatures than MAX_GRAPHS would
+# otherwise be captured again and again (each capture costs a few eager steps).
+MAX_CAPTURES = 8
+# Free device memory a capture wants, as a multiple of what its warm-up forward kept alive (activations and output):
+# the forward graph's pool holds that much, the backward's gradients and workspaces come on top. A capture that runs
+# out of memory inside CUDA would leave the random-number generator unusable, so it is not attempted without room.
+_ROOM_FACTOR = 2.5
 # Iterations run on a side stream before capture, so that lazy initialisation (cuBLAS workspaces, cuDNN plans,
 # Triton compilation) happens outside the graph.
 _SIDE_STREAM_WARMUP = 2
@@ -93,6 +105,8 @@ class _Graphs:
         self.streak = 0
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.pending: weakref.ref | None = None
+        self.captures = 0
+        self.refused: set[tuple] = set()  # signatures without the memory to capture them (or whose warm-up failed)
 
     def backward_pending(self) -> bool:
         return self.pending is not None and self.pending() is not None
@@ -148,7 +162,7 @@ def _tensor_key(t: Tensor) -> tuple:
 
 
 def signature(
-    encoder: nn.Module, latents: Tensor, tokens: Sequence[Tensor], structure: tuple[int, ...], attn_implementation: str
+    encoder: nn.Module, latents: Tensor, tensors: Sequence[Tensor], structure: tuple, attn_implementation: str
 ) -> tuple | None:
     """Everything a replay depends on besides tensor values: shapes, dtypes, grad mode and autocast, the package's
     kernel switches, the structure of the inputs, each module's training flag and where every parameter lives. None
@@ -172,8 +186,35 @@ def signature(
         latents.device, encoder.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
         torch.get_autocast_dtype("cuda") if autocast else None,
         _switches(), fuse_branches,
-        _tensor_key(latents), tuple(_tensor_key(t) for t in tokens), structure, tuple(layout),
+        _tensor_key(latents), tuple(_tensor_key(t) for t in tensors), structure, tuple(layout),
     )
+
+
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """The current device's side stream for warm-ups and captures: one per device and process, because cuBLAS keeps a
+    workspace for every stream it has run on until the process ends."""
+    device = torch.cuda.current_device()
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream()
+    return _streams[device]
+
+
+class _Refused(Exception):
+    """A signature not captured, with nothing left behind: it runs eagerly from then on."""
+
+
+def _make_room(need: int) -> None:
+    """Raise `_Refused` unless `need` bytes of device memory are free (after returning the allocator's cached blocks
+    if it takes that): a capture's pool cannot borrow the cached blocks of the eager pool."""
+    if torch.cuda.mem_get_info()[0] >= need:
+        return
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    if free < need:
+        raise _Refused(f"it needs about {need / 2**20:.0f} MiB of free device memory, {free / 2**20:.0f} MiB are free")
 
 
 class _Captured:
@@ -206,18 +247,26 @@ class _Captured:
             return [t for t, needs in zip(leaves, self.needs_grad) if needs]
 
         # Warm-up and capture on one stream, so that nothing captured waits on a stream outside the capture.
-        stream = torch.cuda.Stream()
+        stream = _capture_stream()
         torch.cuda.synchronize()
-        with torch.cuda.stream(stream):
-            for _ in range(_SIDE_STREAM_WARMUP):
-                leaves, out = call()
-                if out.requires_grad and wrt(leaves):
-                    torch.autograd.grad(out, wrt(leaves), torch.zeros_like(out), allow_unused=True)
-                del leaves, out
-        torch.cuda.synchronize()
+        try:
+            kept = 0
+            with torch.cuda.stream(stream):
+                for _ in range(_SIDE_STREAM_WARMUP):
+                    before = torch.cuda.memory_allocated()
+                    leaves, out = call()
+                    kept = max(kept, torch.cuda.memory_allocated() - before)
+                    if out.requires_grad and wrt(leaves):
+                        torch.autograd.grad(out, wrt(leaves), torch.zeros_like(out), allow_unused=True)
+                    del leaves, out
+            torch.cuda.synchronize()
+        except Exception as error:  # out of memory: nothing was captured yet, so nothing is left behind
+            raise _Refused(f"its warm-up failed: {error}") from error
+        grads = zip(self.params, self.needs_grad[len(inputs):])
+        _make_room(int(_ROOM_FACTOR * kept) + sum(p.numel() * p.element_size() for p, needs in grads if needs))
 
         self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, stream=stream):
+        with torch.cuda.graph(self.forward_graph, stream=stream, capture_error_mode="thread_local"):
             leaves, output = call()
         self.grads: list[Tensor | None] = []
         self.backward_graph = None
@@ -225,7 +274,9 @@ class _Captured:
             with torch.cuda.stream(stream):
                 self.grad_output = torch.empty_like(output)
             self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), stream=stream):
+            with torch.cuda.graph(
+                self.backward_graph, pool=self.forward_graph.pool(), stream=stream, capture_error_mode="thread_local"
+            ):
                 grads = iter(torch.autograd.grad(output, wrt(leaves), self.grad_output, allow_unused=True))
             self.grads = [next(grads) if needs else None for needs in self.needs_grad]
         torch.cuda.current_stream().wait_stream(stream)
@@ -280,18 +331,20 @@ def run_encoder(
     encoder: nn.Module,
     run: Callable[..., Tensor],
     latents: Tensor,
-    tokens: Sequence[Tensor],
-    structure: tuple[int, ...],
+    tensors: Sequence[Tensor],
+    structure: tuple,
     attn_implementation: str,
 ) -> Tensor | None:
-    """`run(latents, *tokens)` through a captured graph when this call's signature has one (capturing it when the
-    signature has repeated), else None: the caller then runs the encoder eagerly."""
+    """`run(latents, *tensors)` through a captured graph when this call's signature has one (capturing it when the
+    signature has repeated), else None: the caller then runs the encoder eagerly. `tensors` are the other inputs
+    (tokens, mask tensors), `structure` how `run` assembles them: part of the signature."""
     global _capture_failed
     if not active() or torch.compiler.is_compiling() or not latents.is_cuda:
         return None
     if torch.cuda.is_current_stream_capturing() or _active_collector is None or _active_collector.get():
         return None
-    key = signature(encoder, latents, tokens, structure, attn_implementation)
+    inputs = [latents, *tensors]
+    key = signature(encoder, latents, tensors, structure, attn_implementation)
     if key is None:
         return None
     state = _state.get(encoder)
@@ -301,34 +354,51 @@ def run_encoder(
         return None
     captured = state.graphs.get(key)
     if captured is None:
+        if key in state.refused or state.captures >= MAX_CAPTURES:
+            return None
         state.streak = state.streak + 1 if key == state.last_key else 1
         state.last_key = key
         if state.streak <= WARMUP_CALLS:
             return None
+        state.captures += 1
         try:
-            captured = _Captured(encoder, run, [latents, *tokens], fuse_branches and not _switches()[0])
-        except Exception as error:  # out of memory, or an op that cannot be captured
+            with torch.cuda.device(latents.device):  # its side stream, memory checks and pool on the inputs' device
+                captured = _Captured(encoder, run, inputs, fuse_branches and not _switches()[0])
+        except _Refused as why:
+            state.refused.add(key)
+            logger.warning("Not capturing this call signature of the Perceiver encoder as a CUDA graph: %s. It runs "
+                           "eagerly.", why)
+            return None
+        except Exception as error:  # an op that cannot be captured
             _capture_failed = True
             logger.warning(
                 "Could not capture the Perceiver encoder as a CUDA graph (%s): it runs eagerly from now on. A failure "
                 "inside the capture can leave CUDA's random-number generator unusable in this process (the next "
                 "dropout on the GPU raises); if it does, restart with hf_flash_perceiver.encoder_graphs.enabled = "
-                "False.", error,
+                "False or HF_FLASH_PERCEIVER_ENCODER_GRAPHS=0.", error,
             )
             return None
+        if state.captures == MAX_CAPTURES:
+            logger.warning("The Perceiver encoder has been captured as a CUDA graph for %d call signatures (its input "
+                           "shapes keep changing): calls of new signatures run eagerly from now on.", MAX_CAPTURES)
         state.graphs[key] = captured
         while len(state.graphs) > MAX_GRAPHS:
             state.graphs.popitem(last=False)
     state.graphs.move_to_end(key)
-    return captured.replay([latents, *tokens], state)
+    return captured.replay(inputs, state)
 
 
 def reset(encoder: nn.Module | None = None) -> None:
-    """Drop the captured graphs (of `encoder`, or of every encoder), freeing their memory."""
-    if encoder is None:
-        _state.clear()
-    else:
+    """Drop the captured graphs (of `encoder`, or of every encoder), freeing their memory; with every encoder's, also
+    the cuBLAS workspaces kept for the capture stream (cuBLAS makes new ones when it next runs)."""
+    if encoder is not None:
         _state.pop(encoder, None)
+        return
+    _state.clear()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if _streams and clear_workspaces is not None:
+        torch.cuda.synchronize()
+        clear_workspaces()
 
 
-__all__ = ["MAX_GRAPHS", "WARMUP_CALLS", "active", "enabled", "fuse_branches", "reset", "run_encoder", "signature"]
+__all__ = ["MAX_CAPTURES", "MAX_GRAPHS", "WARMUP_CALLS", "active", "enabled", "fuse_branches", "reset", "run_encoder", "signature"]

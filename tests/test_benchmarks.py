@@ -194,11 +194,10 @@ def test_a_spent_time_budget_skips_records_but_writes_the_file(tmp_path):
 
 
 def test_harness_switches_turn_package_switches_off_around_a_forward():
-    """An A/B variant turns its package switch off (an opt-in one on) for its own forwards only, and names only real
-    switches."""
+    """An A/B variant turns its package switches off for its own forwards only, and names only real switches."""
     import importlib
 
-    from bench_peers import OPT_IN, SWITCHES, HFFlashPerceiver
+    from bench_peers import SWITCHES, HFFlashPerceiver
 
     seen = []
 
@@ -207,16 +206,15 @@ def test_harness_switches_turn_package_switches_off_around_a_forward():
 
     class Probe(nn.Module):
         def forward(self, inputs, attention_mask=None):
-            seen.append({name: setting(name) for name in SWITCHES + OPT_IN})
+            seen.append({name: setting(name) for name in SWITCHES})
             return type("Out", (), {"last_hidden_state": inputs})()
 
-    HFFlashPerceiver(Probe(), disabled=("fused_norm", "weight_cast"), enabled=("encoder_graphs",))(torch.zeros(1))
-    assert seen[-1] == {"weight_cast": False, "fused_activation": True, "fused_norm": False, "encoder_graphs": True}
-    assert all(setting(name) for name in SWITCHES) and not any(setting(name) for name in OPT_IN)
+    before = {name: setting(name) for name in SWITCHES}
+    HFFlashPerceiver(Probe(), disabled=("fused_norm", "encoder_graphs"))(torch.zeros(1))
+    assert seen[-1] == {**before, "fused_norm": False, "encoder_graphs": False}
+    assert {name: setting(name) for name in SWITCHES} == before
     with pytest.raises(ValueError, match="disabled names switches"):
         HFFlashPerceiver(Probe(), disabled=("fused_nrom",))
-    with pytest.raises(ValueError, match="enabled names opt-in switches"):
-        HFFlashPerceiver(Probe(), enabled=("fused_norm",))
 
 
 def test_cli_rejects_unknown_names():
@@ -329,7 +327,8 @@ def test_newest_results_prefers_real_runs_over_smoke(tmp_path):
     (tmp_path / "2026-04-03-nvidia-h200.json").write_text(json.dumps({"complete": True, "records": [],
                                                                       "argv": ["--time-budget-s", "400"]}))
     assert report.newest_results(tmp_path).name == "2026-04-03-nvidia-h200.json"
-    # A complete run made with an opt-in switch on for all of it is not the default path: never the table.
+    # A complete run made with a package switch set against its default for all of it is not the default path: never
+    # the table.
     (tmp_path / "2026-04-04-nvidia-h200-encoder-graphs-on.json").write_text(json.dumps({"complete": True, "records": []}))
     assert report.newest_results(tmp_path).name == "2026-04-03-nvidia-h200.json"
 
@@ -436,11 +435,16 @@ def test_trainer_throughput_refuses_unknown_impl():
 
 def test_trainer_throughput_smoke(tmp_path):
     # Trainer.train itself (optimizer, clipping, dataloader) timed over the steps after warm-up, one JSON.
+    from hf_flash_perceiver import encoder_graphs
+
     trainer = _load("trainer_throughput")
-    payload = trainer.main(["--smoke", "--out-dir", str(tmp_path)])
-    (record,) = payload["records"]
+    before = encoder_graphs.enabled
+    payload = trainer.main(["--smoke", "--out-dir", str(tmp_path), "--impls", "eager,eager_no_encoder_graphs"])
+    record, no_graphs = payload["records"]
     assert record["impl"] == "eager" and record["steps_timed"] == 2 and record["samples_per_s"] > 0
     assert record["step_ms"] == pytest.approx(record["batch"] / record["samples_per_s"] * 1e3)
     assert record["vs_eager"] == 1.0 and record["peak_gib"] is None
+    assert no_graphs["impl"] == "eager_no_encoder_graphs" and no_graphs["vs_eager"] > 0
+    assert encoder_graphs.enabled == before  # the variant's switch is its own
     (written,) = tmp_path.glob("*-cpu-trainer-smoke.json")
     assert json.loads(written.read_text())["records"] == payload["records"]

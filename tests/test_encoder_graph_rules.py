@@ -1,9 +1,14 @@
 """The rules that keep a call of the encoder off the CUDA-graph path (encoder_graphs.py), on any device: the switch
-is opt-in, and hooks, foreign modules and interposed machinery are recognised. The captures themselves are checked on
+and its environment variable, and hooks, foreign modules and interposed machinery are recognised. The captures themselves are checked on
 a GPU by test_encoder_graphs.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,8 +18,10 @@ from hf_flash_perceiver import encoder_graphs
 from core_common import FP32_TOL, build, small_config
 
 
-def test_switch_is_opt_in_and_cpu_calls_run_eagerly(monkeypatch):
-    assert encoder_graphs.enabled is False
+def test_switch_is_on_by_default_and_cpu_calls_run_eagerly(monkeypatch):
+    if "HF_FLASH_PERCEIVER_ENCODER_GRAPHS" in os.environ:
+        pytest.skip("HF_FLASH_PERCEIVER_ENCODER_GRAPHS is set in this environment: the default is not in effect")
+    assert encoder_graphs.enabled is True
     model = build(small_config(), "sdpa", 0).train()
     x = torch.randn(2, 9, 12)
     want = model(x).last_hidden_state
@@ -25,6 +32,14 @@ def test_switch_is_opt_in_and_cpu_calls_run_eagerly(monkeypatch):
     # get differently aligned buffers, which some CPU kernels round differently).
     assert model.encoder not in encoder_graphs._state
     torch.testing.assert_close(got, want, rtol=FP32_TOL, atol=FP32_TOL)
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), ("1", True)])
+def test_environment_variable_sets_the_switch(value, enabled):
+    code = "import hf_flash_perceiver.encoder_graphs as g; print(g.enabled)"
+    env = {**os.environ, "HF_FLASH_PERCEIVER_ENCODER_GRAPHS": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(enabled)
 
 
 def test_known_modules_and_hooks():

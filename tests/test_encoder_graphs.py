@@ -37,7 +37,8 @@ def graph_config(**kw):
 
 @pytest.fixture(autouse=True)
 def graphs_on(monkeypatch):
-    """The switch is opt-in: these tests turn it on (and restore it after)."""
+    """The switch is on by default; these tests do not depend on the environment's HF_FLASH_PERCEIVER_ENCODER_GRAPHS
+    (and restore the switch after)."""
     monkeypatch.setattr(encoder_graphs, "enabled", True)
 
 
@@ -126,7 +127,8 @@ def test_training_follows_the_optimizer_and_accumulates(model, eager):
     xs = [torch.randn(4, 100, 24, device="cuda") for _ in range(3)]
     for m, graphs in ((model, True), (twin, False)):
         encoder_graphs.enabled = graphs
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        # Small steps: the loss (the output's mean square, no final norm) diverges within six steps at lr 0.05.
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
         for step in range(6):
             opt.zero_grad(set_to_none=True)
             # Two micro-batches per step without zeroing in between: accumulated gradients. `loss` stays alive
@@ -246,15 +248,74 @@ def test_new_parameters_and_inference(model, eager):
     assert captured(model) == 2  # the first training signature's and the inference one's
 
 
-def test_off_cuda_and_masked_calls_never_capture(eager):
+def test_masked_calls_replay_with_each_calls_mask(eager, monkeypatch):
+    """A padding mask is an input of the graph: each replay attends with the mask it is given (a sample without any
+    valid key included), as the eager encoder does."""
+    monkeypatch.setattr(encoder_graphs, "fuse_branches", False)
     encoder_graphs.reset()
     model = build(graph_config(), "sdpa", 0).cuda().train()
     x = torch.randn(4, 100, 24, device="cuda")
-    mask = torch.rand(4, 100, device="cuda") < 0.8
+
+    def masked_step(mask):
+        model.zero_grad(set_to_none=True)
+        out = forward(model, x, attention_mask=mask).last_hidden_state
+        out.float().square().mean().backward()
+        return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for _ in range(encoder_graphs.WARMUP_CALLS + 1):
+        masked_step(torch.rand(4, 100, device="cuda") < 0.8)
+    assert captured(model) == 1
+    mask = torch.rand(4, 100, device="cuda") < 0.5
+    mask[2] = False  # no valid key: the cross-attention output of that sample is zero
+    calls = count_eager_runs(monkeypatch)
+    out, grads = masked_step(mask)
+    assert calls[0] == 0
+    with eager():
+        want_out, want_grads = masked_step(mask)
+    assert rel_err(out, want_out) <= REPLAY_REL_TOL
+    assert_grads_close(grads, want_grads)
+    assert captured(model) == 1
+    encoder_graphs.reset()
+
+
+def test_zero_tokens_never_capture():
+    encoder_graphs.reset()
+    model = build(graph_config(num_zero_tokens=2), "sdpa", 0).cuda().train()
+    x = torch.randn(4, 100, 24, device="cuda")
     for _ in range(encoder_graphs.WARMUP_CALLS + 2):
         model.zero_grad(set_to_none=True)
-        forward(model, x, attention_mask=mask).last_hidden_state.float().mean().backward()
+        forward(model, x).last_hidden_state.float().mean().backward()
     assert captured(model) == 0
+    encoder_graphs.reset()
+
+
+def test_changing_shapes_and_no_room_stay_eager(model, eager, monkeypatch, caplog):
+    """Shapes that keep changing stop being captured after MAX_CAPTURES; a capture without the free memory its
+    warm-up showed it needs is not attempted (the signature runs eagerly, nothing else is affected)."""
+    monkeypatch.setattr(encoder_graphs, "MAX_CAPTURES", 2)
+    for n in (100, 101):
+        for _ in range(encoder_graphs.WARMUP_CALLS + 1):
+            train_step(model, torch.randn(4, n, 24, device="cuda"))
+    assert encoder_graphs._state[model.encoder].captures == 2
+    calls = count_eager_runs(monkeypatch)
+    for _ in range(encoder_graphs.WARMUP_CALLS + 2):
+        train_step(model, torch.randn(4, 102, 24, device="cuda"))
+    assert calls[0] == encoder_graphs.WARMUP_CALLS + 2  # a third signature after two captures: every call eager
+    assert captured(model) == 2 and encoder_graphs._state[model.encoder].captures == 2
+
+    encoder_graphs.reset()
+    monkeypatch.setattr(encoder_graphs, "_ROOM_FACTOR", 1e9)  # no device has that much free
+    x = torch.randn(4, 100, 24, device="cuda")
+    with caplog.at_level("WARNING", logger=encoder_graphs.__name__):
+        for _ in range(encoder_graphs.WARMUP_CALLS + 3):
+            out, grads = train_step(model, x)
+    assert captured(model) == 0 and not encoder_graphs._capture_failed
+    assert "free device memory" in caplog.text
+    assert caplog.text.count("Not capturing") == 1  # refused once, not retried every call
+    with eager():
+        want_out, want_grads = train_step(model, x)
+    assert rel_err(out, want_out) <= REPLAY_REL_TOL
+    torch.nn.functional.dropout(torch.ones(8, device="cuda"), 0.5)  # CUDA's generator is untouched
     encoder_graphs.reset()
 
 
@@ -306,3 +367,22 @@ def test_trainer_with_graphs_trains_like_eager(tmp_path, kind, monkeypatch):
     # over the optimizer's steps.
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=1e-3)
     encoder_graphs.reset()
+
+
+def test_reset_frees_the_graphs_memory():
+    """Captures leave nothing allocated once their encoder's graphs are dropped: not the pools, not the workspaces of
+    the capture stream (a stream per capture once kept a cuBLAS workspace each for the rest of the process)."""
+    import gc
+
+    encoder_graphs.reset()
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    for _ in range(2):
+        model = build(graph_config(), "sdpa", 0).cuda().train()
+        for _ in range(encoder_graphs.WARMUP_CALLS + 2):
+            train_step(model, torch.randn(4, 100, 24, device="cuda"))
+        assert captured(model) == 1
+        del model
+        encoder_graphs.reset()
+        gc.collect()
+        assert torch.cuda.memory_allocated() - base <= 2**20
