@@ -401,4 +401,6 @@ def reset(encoder: nn.Module | None = None) -> None:
         clear_workspaces()
 
 
-__all__ = ["MAX_CAPTURES", "MAX_GRAPHS", "WARMUP_CALLS", "active", "enabled", "fuse_branches", "reset", "run_encoder", "signature"]
+__all__ = [
+    "MAX_CAPTURES", "MAX_GRAPHS", "WARMUP_CALLS", "active", "enabled", "fuse_branches", "reset", "run_encoder", "signature",
+]
