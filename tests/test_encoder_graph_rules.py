@@ -1,6 +1,6 @@
 """The rules that keep a call of the encoder off the CUDA-graph path (encoder_graphs.py), on any device: the switch
-and its environment variable, and hooks, foreign modules and interposed machinery are recognised. The captures themselves are checked on
-a GPU by test_encoder_graphs.py."""
+and its environment variable, and hooks, foreign modules and interposed machinery are recognised. The captures
+themselves are checked on a GPU by test_encoder_graphs.py."""
 
 from __future__ import annotations
 
