@@ -86,13 +86,14 @@ def _launch_forward(kernel, pre: Tensor, out: Tensor, gated: bool, act: int) -> 
     kernel[grid](pre, out, rows, hidden, width, GATED=gated, ACT=act, ROWS=tile_rows, COLS=tile_cols)
 
 
-def _launch_backward(kernel, d_out: Tensor, pre: Tensor, d_pre: Tensor, gated: bool, act: int) -> None:
+def _launch_backward(kernel, d_out: Tensor, pre: Tensor, d_pre: Tensor, gated: bool, act: int,
+                     out: Tensor | None = None) -> None:
     rows, width = pre.shape
     hidden = d_out.shape[1]
     tile_rows, tile_cols = _tile(hidden)
     grid = (triton.cdiv(rows, tile_rows), triton.cdiv(hidden, tile_cols))
-    kernel[grid](d_out, pre, d_pre, rows, hidden, width, GATED=gated, ACT=act, ROWS=tile_rows,
-                 COLS=tile_cols)
+    kernel[grid](d_out, pre, d_pre, out if out is not None else d_pre, rows, hidden, width, GATED=gated, ACT=act,
+                 WRITE_OUT=out is not None, ROWS=tile_rows, COLS=tile_cols)
 
 
 def activation_forward(pre: Tensor, gate: str | None) -> Tensor:
@@ -105,12 +106,17 @@ def activation_forward(pre: Tensor, gate: str | None) -> Tensor:
     return out
 
 
-def activation_backward(d_out: Tensor, pre: Tensor, gate: str | None) -> Tensor:
-    """The gradient of [`activation_forward`] with respect to `pre`, from the output gradient `d_out`."""
+def activation_backward(d_out: Tensor, pre: Tensor, gate: str | None,
+                        recompute_output: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`(d_pre, output)`: the gradient of [`activation_forward`] with respect to `pre`, from the output gradient
+    `d_out`, and with `recompute_output` the forward's output again (else None), written by the same kernel from the
+    operands it reads anyway, so that a caller needing the output in backward (the next projection's weight
+    gradient) need not keep it from the forward."""
     d_out = d_out.contiguous()
     d_pre = torch.empty_like(pre)
-    _launch_backward(_activation_backward, d_out, pre, d_pre, gate is not None, _ACTIVATIONS[gate or "gelu"])
-    return d_pre
+    out = torch.empty_like(d_out) if recompute_output else None
+    _launch_backward(_activation_backward, d_out, pre, d_pre, gate is not None, _ACTIVATIONS[gate or "gelu"], out)
+    return d_pre, out
 
 
 def _rows(h: Tensor) -> Tensor:
@@ -131,7 +137,7 @@ class _TritonGatedActivation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
         (pre,) = ctx.saved_tensors
-        return activation_backward(dy.reshape(-1, dy.shape[-1]), pre, ctx.name).view(ctx.shape), None
+        return activation_backward(dy.reshape(-1, dy.shape[-1]), pre, ctx.name)[0].view(ctx.shape), None
 
 
 def _register_ops() -> None:
@@ -228,8 +234,8 @@ if triton is not None:
         tl.store(Out + row64 * hidden + col[None, :], y.to(Out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _activation_backward(DOut, Pre, DPre, rows, hidden, width, GATED: tl.constexpr, ACT: tl.constexpr,
-                             ROWS: tl.constexpr, COLS: tl.constexpr):
+    def _activation_backward(DOut, Pre, DPre, Out, rows, hidden, width, GATED: tl.constexpr, ACT: tl.constexpr,
+                             WRITE_OUT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         col = tl.program_id(1) * COLS + tl.arange(0, COLS)
         ok = (row < rows)[:, None] & (col < hidden)[None, :]
@@ -240,11 +246,17 @@ if triton is not None:
         if GATED:
             value = tl.load(src, mask=ok, other=0.0).to(tl.float32)
             gate = tl.load(src + hidden, mask=ok, other=0.0).to(tl.float32)
-            tl.store(dst, (dy * _act(gate, ACT)).to(DPre.dtype.element_ty), mask=ok)
+            act = _act(gate, ACT)
+            tl.store(dst, (dy * act).to(DPre.dtype.element_ty), mask=ok)
             tl.store(dst + hidden, (dy * value * _act_grad(gate, ACT)).to(DPre.dtype.element_ty), mask=ok)
+            if WRITE_OUT:
+                # As the forward computes it: `act` rounded into the product only at the end, never on its own.
+                tl.store(Out + row64 * hidden + col[None, :], (value * act).to(Out.dtype.element_ty), mask=ok)
         else:
             x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
             tl.store(dst, (dy * _act_grad(x, ACT)).to(DPre.dtype.element_ty), mask=ok)
+            if WRITE_OUT:
+                tl.store(Out + row64 * hidden + col[None, :], _act(x, ACT).to(Out.dtype.element_ty), mask=ok)
 
 
 # The custom op of the compiled path, registered at import (None where torch lacks `triton_op` or Triton is absent).

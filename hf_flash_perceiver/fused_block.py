@@ -2,9 +2,10 @@
 
 `x + Attn(LN(x))` (self-attention) and `x + MLP(LN(x))` run as a short fixed sequence of kernels with a backward
 written out: the LayerNorm and the MLP activation are Triton kernels (the LayerNorm's backward also adds the residual
-gradient), projections are single `addmm`s on weights cast once per call, attention is PyTorch's cuDNN (or
-FlashAttention-2) kernel called directly, and weight and bias gradients come out of the GEMMs and reductions in fp32,
-so no cast kernels follow them. Built module by module, the same branch launches about three times as many kernels,
+gradient and sums it over the rows, which is the output projection's bias gradient; the activation's backward
+writes the activation's output again, so the MLP keeps only its first projection's output), projections are single
+`addmm`s on weights cast once per call, attention is PyTorch's cuDNN (or FlashAttention-2) kernel called directly,
+and weight and bias gradients come out of the GEMMs and reductions in fp32, so no cast kernels follow them. Built module by module, the same branch launches about three times as many kernels,
 each with its own autograd, autocast and Python overhead: that overhead, not the GPU, bounds an eager training step
 of the Perceiver's small latent arrays.
 
@@ -173,7 +174,8 @@ class _SelfAttentionBranch(torch.autograd.Function):
         heads, head_dim = out.shape[1], out.shape[3]
         dy2 = _rows(dy)
         do = dy2.to(w_o_c.dtype)
-        da, dw_o, db_o = _linear_backward(do, a, w_o_c, w_o, True, need[5], need[6] and ctx.has_o_bias)
+        # o_proj's bias gradient is the row sum of `dy`, which the LayerNorm backward below reads anyway.
+        da, dw_o, _ = _linear_backward(do, a, w_o_c, w_o, True, need[5], False)
         dout = da.view(batch, length, heads, head_dim).transpose(1, 2)
         if dout.stride() != out.stride():
             dout = torch.empty_like(out).copy_(dout)
@@ -181,7 +183,9 @@ class _SelfAttentionBranch(torch.autograd.Function):
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)[:3]
         dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1)
         dh, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv, True, need[3], need[4] and ctx.has_qkv_bias)
-        dx, d_ln_w, d_ln_b = norm_backward(x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2)
+        dx, d_ln_w, d_ln_b, db_o = norm_backward(
+            x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2, residual_sum=need[6] and ctx.has_o_bias
+        )
         return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 4
 
 
@@ -197,23 +201,29 @@ class _MLPBranch(torch.autograd.Function):
         act = activation_forward(pre, gate)
         o = _linear(act, w2_c, b2_c)
         y = torch.add(x2, o) if residual else o.to(x.dtype)
-        ctx.save_for_backward(x2, ln_w, stats, h, w1_c, pre, act, w2_c, w1, w2)
+        # Not `act`: the activation's backward kernel writes it again (the MLP's widest activation, not kept).
+        ctx.save_for_backward(x2, ln_w, stats, h, w1_c, pre, w2_c, w1, w2)
         ctx.gate, ctx.residual, ctx.shape = gate, residual, x.shape
         ctx.has_ln_bias, ctx.has_b1, ctx.has_b2 = ln_b is not None, b1 is not None, b2 is not None
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, ln_w, stats, h, w1_c, pre, act, w2_c, w1, w2 = ctx.saved_tensors
+        x2, ln_w, stats, h, w1_c, pre, w2_c, w1, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _rows(dy)
         do = dy2.to(w2_c.dtype)
-        d_act, dw2, db2 = _linear_backward(do, act, w2_c, w2, True, need[5], need[6] and ctx.has_b2)
-        d_pre = activation_backward(d_act, pre, ctx.gate)
+        d_act = torch.mm(do, w2_c)
+        d_pre, act = activation_backward(d_act, pre, ctx.gate, recompute_output=need[5])
+        # With the residual, fc2's bias gradient (the row sum of `dy`) comes out of the LayerNorm backward below.
+        sum_in_norm = ctx.residual and need[6] and ctx.has_b2
+        _, dw2, db2 = _linear_backward(do, act, w2_c, w2, False, need[5], need[6] and ctx.has_b2 and not sum_in_norm)
         dh, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1, True, need[3], need[4] and ctx.has_b1)
-        dx, d_ln_w, d_ln_b = norm_backward(
-            x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2 if ctx.residual else None
+        dx, d_ln_w, d_ln_b, db2_sum = norm_backward(
+            x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2 if ctx.residual else None, residual_sum=sum_in_norm
         )
+        if sum_in_norm:
+            db2 = db2_sum
         return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4
 
 

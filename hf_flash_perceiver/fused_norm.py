@@ -117,18 +117,22 @@ def norm_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 
 def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, has_bias: bool,
-                  residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients of [`norm_forward`] from `dy (rows, width)`: `(dx, d_weight, d_bias)` in fp32 for the affine, `dx`
-    in `x2`'s dtype. `residual_grad`, when given, is added to `dx` in the same kernel (a residual branch's gradient
-    meeting the normalised one)."""
+                  residual_grad: Tensor | None = None,
+                  residual_sum: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of [`norm_forward`] from `dy (rows, width)`: `(dx, d_weight, d_bias, residual column sum)`, in
+    fp32 for the affine, `dx` in `x2`'s dtype. `residual_grad`, when given, is added to `dx` in the same kernel (a
+    residual branch's gradient meeting the normalised one); with `residual_sum` its fp32 sum over the rows comes
+    out of the same kernel and reduction as the affine's (the bias gradient of the projection whose output joined
+    the residual stream: the sum of the same gradient), else the last item is None."""
     rows, width = x2.shape
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty((rows, width), dtype=x2.dtype, device=x2.device)
     tile_rows, block, warps, per_sm = _backward_tile(width)
     programs = _programs(x2.device, triton.cdiv(rows, tile_rows), per_sm)
-    want_affine = weight is not None or has_bias
-    partial = torch.empty((2, programs, width) if want_affine else (2, 1, 1), dtype=torch.float32, device=x2.device)
+    residual_sum = residual_sum and residual_grad is not None
+    want_sums = weight is not None or has_bias or residual_sum
+    partial = torch.empty((3, programs, width) if want_sums else (3, 1, 1), dtype=torch.float32, device=x2.device)
     if residual_grad is not None and residual_grad.stride(-1) != 1:
         residual_grad = residual_grad.contiguous()
     _layer_norm_backward[(programs,)](
@@ -136,12 +140,17 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
         residual_grad if residual_grad is not None else dx,
         rows, width, x2.stride(0), dy.stride(0), residual_grad.stride(0) if residual_grad is not None else 0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_grad is not None,
-        ROWS=tile_rows, BLOCK=block, num_warps=warps,
+        RESIDUAL_SUM=residual_sum, ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
-    if not want_affine:
-        return dx, None, None
-    sums = partial.sum(dim=1)
-    return dx, sums[0] if weight is not None else None, sums[1] if has_bias else None
+    if not want_sums:
+        return dx, None, None, None
+    # One reduction over the span of wanted rows (an unwritten row inside it is summed and dropped).
+    wanted = [i for i, want in enumerate((weight is not None, has_bias, residual_sum)) if want]
+    sums = (partial if len(wanted) == 3 else partial[wanted[0]:wanted[-1] + 1]).sum(dim=1)
+    out = [None, None, None]
+    for i in wanted:
+        out[i] = sums[i - wanted[0]]
+    return dx, out[0], out[1], out[2]
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -177,7 +186,7 @@ class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x2, weight, stats = ctx.saved_tensors
-        dx, grad_weight, grad_bias = norm_backward(x2, grad.reshape(-1, x2.shape[1]), weight, stats, ctx.has_bias)
+        dx, grad_weight, grad_bias, _ = norm_backward(x2, grad.reshape(-1, x2.shape[1]), weight, stats, ctx.has_bias)
         w_dtype, b_dtype = ctx.dtypes
         if grad_weight is not None:
             grad_weight = grad_weight.to(w_dtype)
@@ -216,8 +225,8 @@ if triton is not None:
     @triton.jit
     def _layer_norm_backward(
         X, DY, DX, W, Stats, Partial, DRes, rows, width, stride_x, stride_dy, stride_res,
-        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_SUM: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ):
         program = tl.program_id(0)
         programs = tl.num_programs(0)
@@ -227,6 +236,7 @@ if triton is not None:
             w = tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)
         grad_w = tl.zeros([BLOCK], dtype=tl.float32)
         grad_b = tl.zeros([BLOCK], dtype=tl.float32)
+        grad_r = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(program * ROWS, rows, programs * ROWS):
             row = start + tl.arange(0, ROWS)
             row_ok = row < rows
@@ -242,7 +252,10 @@ if triton is not None:
             c2 = tl.sum(w_dy, axis=1) / width
             dx = (w_dy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
             if HAS_RESIDUAL:
-                dx += tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0).to(tl.float32)
+                d_res = tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0).to(tl.float32)
+                dx += d_res
+                if RESIDUAL_SUM:
+                    grad_r += tl.sum(d_res, axis=0)
             tl.store(DX + row64 * width + col[None, :], dx.to(DX.dtype.element_ty), mask=ok)
             if HAS_WEIGHT:
                 grad_w += tl.sum(dy * x_hat, axis=0)
@@ -252,6 +265,8 @@ if triton is not None:
             tl.store(Partial + program * width + col, grad_w, mask=col_ok)
         if HAS_BIAS:
             tl.store(Partial + (programs + program) * width + col, grad_b, mask=col_ok)
+        if RESIDUAL_SUM:
+            tl.store(Partial + (2 * programs + program) * width + col, grad_r, mask=col_ok)
 
 
 __all__ = [

@@ -434,6 +434,76 @@ def test_gated_activation_kernels_match_pytorch(name, dtype, hidden):
     torch.testing.assert_close(dh.float(), ref_dh, **tol)
 
 
+@pytest.mark.parametrize("gate", [None, "gelu", "silu"])
+def test_activation_backward_recomputes_the_output(gate):
+    """The backward kernel's second output is the forward's output again (what the fused MLP branch uses instead of
+    keeping it), and its gradient is the same as without it."""
+    from hf_flash_perceiver.fused_activation import activation_backward, activation_forward
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    hidden = 300
+    pre = (torch.randn(517, 2 * hidden if gate else hidden, device="cuda", generator=gen) * 2).bfloat16()
+    d_out = torch.randn(517, hidden, device="cuda", generator=gen).bfloat16()
+    out = activation_forward(pre, gate)
+    d_pre, again = activation_backward(d_out, pre, gate, recompute_output=True)
+    d_pre_only, none = activation_backward(d_out, pre, gate)
+    assert none is None and again.dtype == out.dtype and again.shape == out.shape
+    # The same fp32 expression rounded once in both kernels; the tolerance allows one bf16 rounding step should the
+    # compiler contract the two kernels' arithmetic differently.
+    torch.testing.assert_close(again.float(), out.float(), rtol=2**-8, atol=2**-8)
+    torch.testing.assert_close(d_pre.float(), d_pre_only.float(), rtol=2**-8, atol=2**-8)
+
+
+@pytest.mark.parametrize("affine", ["weight-and-bias", "weight-only", "none"])
+def test_norm_backward_sums_the_residual_gradient(affine):
+    """`residual_sum=True`: the row sum of the residual gradient (a projection's bias gradient) from the LayerNorm
+    backward's own reduction, beside the affine's gradients, which it leaves unchanged."""
+    from hf_flash_perceiver.fused_norm import norm_backward, norm_forward
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rows, width = 4099, 384
+    x = torch.randn(rows, width, device="cuda", generator=gen) * 2 + 0.5
+    weight = torch.randn(width, device="cuda", generator=gen) if affine != "none" else None
+    bias = torch.randn(width, device="cuda", generator=gen) if affine == "weight-and-bias" else None
+    _, stats = norm_forward(x, weight, bias, 1e-5, torch.bfloat16)
+    dy = torch.randn(rows, width, device="cuda", generator=gen).bfloat16()
+    residual = torch.randn(rows, width, device="cuda", generator=gen)
+    dx, dw, db, dr = norm_backward(x, dy, weight, stats, bias is not None, residual_grad=residual, residual_sum=True)
+    dx0, dw0, db0, none = norm_backward(x, dy, weight, stats, bias is not None, residual_grad=residual)
+    assert none is None and dr.dtype == torch.float32 and dr.shape == (width,)
+    # fp32 sums over 4099 rows in another order than torch.sum's: summation-order rounding only.
+    torch.testing.assert_close(dr, residual.sum(0), rtol=1e-4, atol=1e-3)
+    assert (dw is None) == (weight is None) and (db is None) == (bias is None)
+    for got, want in ((dx, dx0), (dw, dw0), (db, db0)):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_mlp_branch_keeps_no_activation_output():
+    """The fused MLP branch saves its first projection's output for backward, not the activation's output (the
+    backward kernel writes that again): one `(rows, hidden)` tensor less per MLP."""
+    from hf_flash_perceiver.fused_block import fused_branches, mlp_branch
+
+    cfg = small_config(latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
+                       input_dim=16, gated_mlp=True)
+    model = cuda_model(cfg, "sdpa").train()
+    block = model.encoder.self_layers[0][0]
+    hidden = block.mlp.fc2.in_features
+    x = torch.randn(2, 32, cfg.latent_dim, device="cuda", requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with fused_branches(True), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = mlp_branch(block.norm2, block.mlp, x, torch.bfloat16, residual=True)
+    assert (64, block.mlp.fc1.out_features) in saved and (64, hidden) not in saved, saved
+    y.float().square().mean().backward()
+    assert block.mlp.fc2.weight.grad is not None and torch.isfinite(block.mlp.fc2.weight.grad).all()
+
+
 def test_gated_activation_compiles_to_the_custom_op():
     """Under torch.compile (fullgraph) the activation is the custom op, launched by Inductor, not a graph break:
     the same values as the eager kernels (the same kernels), gradients included."""
