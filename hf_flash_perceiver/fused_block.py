@@ -5,9 +5,10 @@ written out: the LayerNorm and the MLP activation are Triton kernels (the LayerN
 gradient and sums it over the rows, which is the output projection's bias gradient; the activation's backward
 writes the activation's output again, so the MLP keeps only its first projection's output), projections are single
 `addmm`s on weights cast once per call, attention is PyTorch's cuDNN (or FlashAttention-2) kernel called directly,
-and weight and bias gradients come out of the GEMMs and reductions in fp32, so no cast kernels follow them. Built module by module, the same branch launches about three times as many kernels,
-each with its own autograd, autocast and Python overhead: that overhead, not the GPU, bounds an eager training step
-of the Perceiver's small latent arrays.
+and weight and bias gradients come out of the GEMMs and reductions in fp32, so no cast kernels follow them. Built
+module by module, the same branch launches about three times as many kernels, each with its own autograd, autocast
+and Python overhead: that overhead, not the GPU, bounds an eager training step of the Perceiver's small latent
+arrays.
 
 The values are those of the modules under autocast up to rounding order (weight gradients are better: they skip
 the round trip through the half-precision dtype). [`PerceiverBlock`] takes this path only where it computes the
