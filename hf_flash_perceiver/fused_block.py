@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +82,20 @@ def _plain(norm: nn.Module, *linears: nn.Module) -> bool:
     return any(plain(norm, cls) for cls in (FusedLayerNorm, nn.LayerNorm)) and all(plain(m, nn.Linear) for m in linears)
 
 
+@lru_cache(maxsize=None)
+def _takes_wide_heads(device_index: int) -> bool:
+    # cuDNN's attention takes heads up to 256 wide forward and backward on Hopper and later (the language Perceiver's
+    # 160-wide latent heads, say), as does FlashAttention-2, the fallback; 128 is what both take on every GPU.
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _head_dim_fits(head_dim: int, weight: Tensor) -> bool:
+    if head_dim <= 128:
+        return True
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    return head_dim <= 256 and weight.is_cuda and _takes_wide_heads(index)
+
+
 def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: bool) -> bool:
     """Whether `x + attn(norm(x))` of a [`PerceiverSelfAttention`] runs fused: see the module docstring."""
     return (
@@ -90,7 +105,7 @@ def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: boo
         and (attn.config._attn_implementation or "sdpa") in ("sdpa", "varlen")
         and attn.head_dim == attn.v_head_dim
         and attn.head_dim % 8 == 0
-        and attn.head_dim <= 128
+        and _head_dim_fits(attn.head_dim, attn.qkv_proj.weight)
         and _plain(norm, attn.qkv_proj, attn.o_proj)
     )
 
