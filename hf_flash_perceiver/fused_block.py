@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from .attention_backends import CUDNN_AVAILABLE
+from .attention_backends import CUDNN_AVAILABLE, FUSED_MAX_HEAD_DIM
 from .cross_attention import _fused_backward, _fused_forward
 from .fused_activation import activation_backward, activation_forward
 from .fused_norm import FusedLayerNorm, norm_backward, norm_forward, triton
@@ -84,16 +84,18 @@ def _plain(norm: nn.Module, *linears: nn.Module) -> bool:
 
 @lru_cache(maxsize=None)
 def _takes_wide_heads(device_index: int) -> bool:
-    # cuDNN's attention takes heads up to 256 wide forward and backward on Hopper and later (the language Perceiver's
-    # 160-wide latent heads, say), as does FlashAttention-2, the fallback; 128 is what both take on every GPU.
+    # cuDNN's attention takes heads up to FUSED_MAX_HEAD_DIM (256) wide forward and backward on Hopper and later (the
+    # language Perceiver's 160-wide latent heads, say), as does FlashAttention-2, the fallback; 128 is what both take
+    # on every GPU.
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _head_dim_fits(head_dim: int, weight: Tensor) -> bool:
     if head_dim <= 128:
         return True
-    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
-    return head_dim <= 256 and weight.is_cuda and _takes_wide_heads(index)
+    if head_dim > FUSED_MAX_HEAD_DIM or not weight.is_cuda:
+        return False
+    return _takes_wide_heads(weight.device.index if weight.device.index is not None else torch.cuda.current_device())
 
 
 def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: bool) -> bool:

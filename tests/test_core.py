@@ -507,6 +507,9 @@ def test_fused_branches_are_gpu_half_precision_only():
         assert fused_dtype(torch.randn(2, 3, 32)) is None
     assert self_attention_fits(block.norm1, block.attn, False) and mlp_fits(block.norm2, block.mlp)
     assert not self_attention_fits(block.norm1, block.attn, True)  # attention maps: the module path computes them
+    # Heads over 128 wide fit only on GPUs whose kernels take them (Hopper and later): never with weights off CUDA.
+    wide = build(small_config(latent_dim=32, latent_heads=1, latent_head_dim=160), "sdpa").encoder.self_layers[0][0]
+    assert not self_attention_fits(wide.norm1, wide.attn, False)
     # A hook on a norm or a projection must run: the branch, which computes with their weights, would skip it.
     handle = block.norm1.register_forward_hook(lambda *args: None)
     assert not self_attention_fits(block.norm1, block.attn, False)
