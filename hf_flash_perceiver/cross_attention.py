@@ -95,27 +95,29 @@ def _math_backward(dout, q, k, v, out, lse, bias, scale, aux):
     return torch.matmul(ds, k.float()).to(q.dtype), torch.matmul(ds.transpose(-1, -2), q.float()).to(k.dtype), dv.to(v.dtype)
 
 
-def _fused_forward(q, k, v, bias, scale):
-    # Masked chunks: cuDNN (it takes the key bias); unmasked: FlashAttention-2. Both return the log-sum-exp.
+def _fused_forward(q, k, v, bias, scale, dropout=0.0):
+    # Masked chunks: cuDNN (it takes the key bias); unmasked: FlashAttention-2. Both return the log-sum-exp, and
+    # under dropout the RNG seed and offset that the backward replays the same mask from.
     if bias is None:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout, False, False, scale=scale)
         out, lse, meta = res[0], res[1], (res[2], res[3], res[4], res[5], res[6], res[7])
     else:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, dropout, False, False,
+                                                                  scale=scale)
         out, lse, meta = res[0], res[1], (res[2], res[3], res[4], res[5], res[6], res[7])
     # aux: what the backward needs besides tensors we already hold (sequence metadata and RNG state).
     return out, lse.reshape(q.shape[:3]).float(), (lse.shape, *meta)
 
 
-def _fused_backward(dout, q, k, v, out, lse, bias, scale, aux):
+def _fused_backward(dout, q, k, v, out, lse, bias, scale, aux, dropout=0.0):
     lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
     lse = lse.reshape(lse_shape).contiguous()
     if bias is None:
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout, False, seed, offset, scale=scale
         )
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale
+        dout, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout, False, scale=scale
     )
 
 

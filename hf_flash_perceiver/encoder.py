@@ -11,7 +11,8 @@ from .cross_attention import CrossInput
 from .encoder_graphs import active as graphs_active
 from .encoder_graphs import run_encoder
 from .layers import AttentionSpec, PerceiverBlock
-from .weight_cast import shared_casts
+from .fused_block import fused_dtype
+from .weight_cast import prefetch_copies, shared_casts
 
 
 class PerceiverEncoder(nn.Module):
@@ -59,8 +60,13 @@ class PerceiverEncoder(nn.Module):
         for i, context in enumerate(contexts):
             self.cross_layers[self.block_index(i)].prepare(context)
         x = latents
-        # Blocks that share modules (tied layers, repeated latent stacks) share their converted weights too.
+        # Blocks that share modules (tied layers, repeated latent stacks) share their converted weights too, and the
+        # fused branches' weights are converted for every block by one multi-tensor copy.
         with shared_casts():
+            blocks = dict.fromkeys(self.block_index(i) for i in range(len(contexts)))
+            layers = [layer for b in blocks for layer in (self.cross_layers[b], *self.self_layers[b])]
+            weights = [t for layer in layers for t in layer.fused_weights(latents, **kwargs)]
+            prefetch_copies(fused_dtype(latents), weights)
             for i, context in enumerate(contexts):
                 b = self.block_index(i)
                 x, _ = self.cross_layers[b](x, context, **kwargs)

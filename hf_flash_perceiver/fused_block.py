@@ -4,18 +4,18 @@
 written out: the LayerNorm and the MLP activation are Triton kernels (the LayerNorm's backward also adds the residual
 gradient and sums it over the rows, which is the output projection's bias gradient; the activation's backward
 writes the activation's output again, so the MLP keeps only its first projection's output), projections are single
-`addmm`s on weights cast once per call, attention is PyTorch's cuDNN (or FlashAttention-2) kernel called directly,
-and weight and bias gradients come out of the GEMMs and reductions in fp32, so no cast kernels follow them. Built
-module by module, the same branch launches about three times as many kernels, each with its own autograd, autocast
-and Python overhead: that overhead, not the GPU, bounds an eager training step of the Perceiver's small latent
-arrays.
+`addmm`s on weights converted once per forward (the encoder converts every branch's together), attention is
+PyTorch's cuDNN (or FlashAttention-2) kernel called directly, and weight and bias gradients come out of the GEMMs
+and one-kernel column sums in fp32, so no cast kernels follow them. Built module by module, the same branch launches
+about three times as many kernels, each with its own autograd, autocast and Python overhead: that overhead, not the
+GPU, bounds an eager training step of the Perceiver's small latent arrays.
 
 The values are those of the modules under autocast up to rounding order (weight gradients are better: they skip
 the round trip through the half-precision dtype). [`PerceiverBlock`] takes this path only where it computes the
 same function: CUDA, autocast (or half-precision weights), plain `nn.Linear` projections and LayerNorms (not
-PEFT-wrapped or hooked ones),
-no attention maps, no rotary, no attention dropout in training, the sdpa/varlen backends, and not under
-`torch.compile` (Inductor fuses the module path itself). Everything else, and every CPU, runs the modules.
+PEFT-wrapped or hooked ones), no attention maps, no rotary, the sdpa/varlen backends, and not under `torch.compile`
+(Inductor fuses the module path itself). Attention dropout is the attention kernel's own, as SDPA's is on the module
+path. Everything else, and every CPU, runs the modules.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from .attention_backends import CUDNN_AVAILABLE, FUSED_MAX_HEAD_DIM
 from .cross_attention import _fused_backward, _fused_forward
 from .fused_activation import activation_backward, activation_forward
-from .fused_norm import FusedLayerNorm, norm_backward, norm_forward, triton
-from .weight_cast import cast_tensors, plain
+from .fused_norm import FusedLayerNorm, column_sum, norm_backward, norm_forward, triton
+from .weight_cast import plain, shared_copies
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
 # module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
@@ -103,7 +103,6 @@ def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: boo
     return (
         not output_attentions
         and attn.rotary is None
-        and (attn.spec.dropout == 0 or not attn.training)
         and (attn.config._attn_implementation or "sdpa") in ("sdpa", "varlen")
         and attn.head_dim == attn.v_head_dim
         and attn.head_dim % 8 == 0
@@ -133,7 +132,7 @@ def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, param: Tensor, want_
     if want_w:
         dw = torch.mm(dy.t(), x, out_dtype=param.dtype) if param.dtype != dy.dtype else torch.mm(dy.t(), x)
     if want_b:
-        db = dy.sum(0, dtype=param.dtype)
+        db = column_sum(dy, param.dtype)
     return dx, dw, db
 
 
@@ -145,22 +144,24 @@ def _rows(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- attention
 
 
-def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, tuple]:
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                       dropout: float) -> tuple[Tensor, Tensor, tuple]:
     # cuDNN where available (what SDPA picks on Hopper for these shapes), else FlashAttention-2; both keep the
-    # log-sum-exp for the backward.
+    # log-sum-exp for the backward and, under dropout, the RNG seed and offset the backward regenerates the mask from.
     if CUDNN_AVAILABLE and torch.backends.cuda.cudnn_sdp_enabled():
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, dropout, False, False,
+                                                                  scale=scale)
         return res[0], res[1], ("cudnn", *res[2:8])
-    out, lse, aux = _fused_forward(q, k, v, None, scale)
+    out, lse, aux = _fused_forward(q, k, v, None, scale, dropout)
     return out, lse, ("flash", *aux)
 
 
-def _attention_backward(dout, q, k, v, out, lse, aux, scale) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward(dout, q, k, v, out, lse, aux, scale, dropout) -> tuple[Tensor, Tensor, Tensor]:
     if aux[0] == "flash":
-        return _fused_backward(dout, q, k, v, out, lse, None, scale, aux[1:])
+        return _fused_backward(dout, q, k, v, out, lse, None, scale, aux[1:], dropout)
     _, cum_q, cum_k, max_q, max_k, seed, offset = aux
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale
+        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, dropout, False, scale=scale
     )
 
 
@@ -168,19 +169,19 @@ class _SelfAttentionBranch(torch.autograd.Function):
     """`x + o_proj(attention(qkv_proj(LN(x))))` for `x (batch, len, dim)`."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dtype):
+    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dropout, copies):
         batch, length, _ = x.shape
         x2 = _rows(x)
-        h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
-        w_qkv_c, b_qkv_c, w_o_c, b_o_c = cast_tensors(dtype, w_qkv, b_qkv, w_o, b_o)
+        w_qkv_c, b_qkv_c, w_o_c, b_o_c = copies
+        h, stats = norm_forward(x2, ln_w, ln_b, eps, w_qkv_c.dtype)
         qkv = _linear(h, w_qkv_c, b_qkv_c)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         scale = head_dim**-0.5
-        out, lse, aux = _attention_forward(q, k, v, scale)
+        out, lse, aux = _attention_forward(q, k, v, scale, dropout)
         a = out.transpose(1, 2).reshape(batch * length, heads * head_dim)
         y = torch.add(x2, _linear(a, w_o_c, b_o_c))
         ctx.save_for_backward(x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
-        ctx.aux, ctx.scale, ctx.shape = aux, scale, x.shape
+        ctx.aux, ctx.scale, ctx.dropout, ctx.shape = aux, scale, dropout, x.shape
         ctx.has_ln_bias, ctx.has_qkv_bias, ctx.has_o_bias = ln_b is not None, b_qkv is not None, b_o is not None
         return y.view(x.shape)
 
@@ -198,23 +199,23 @@ class _SelfAttentionBranch(torch.autograd.Function):
         if dout.stride() != out.stride():
             dout = torch.empty_like(out).copy_(dout)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
-        dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)[:3]
+        dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale, ctx.dropout)[:3]
         dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1)
         dh, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv, True, need[3], need[4] and ctx.has_qkv_bias)
         dx, d_ln_w, d_ln_b, db_o = norm_backward(
             x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2, residual_sum=need[6] and ctx.has_o_bias
         )
-        return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 4
+        return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 5
 
 
 class _MLPBranch(torch.autograd.Function):
     """`x + fc2(act(fc1(LN(x))))` (without the `x +` when `residual` is off), gated or not."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, dtype):
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, copies):
         x2 = _rows(x)
-        h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
-        w1_c, b1_c, w2_c, b2_c = cast_tensors(dtype, w1, b1, w2, b2)
+        w1_c, b1_c, w2_c, b2_c = copies
+        h, stats = norm_forward(x2, ln_w, ln_b, eps, w1_c.dtype)
         pre = _linear(h, w1_c, b1_c)
         act = activation_forward(pre, gate)
         o = _linear(act, w2_c, b2_c)
@@ -245,20 +246,28 @@ class _MLPBranch(torch.autograd.Function):
         return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4
 
 
+# The branches' weights in the compute dtype are converted here, outside the autograd nodes (whose forward runs
+# without grad): with grad on, a forward's copies are shared, and the encoder converts them all at once
+# (weight_cast.shared_copies). They enter the nodes inside a tuple, which autograd does not track.
+
+
 def self_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
     """`x + attn(norm(x))` for a [`PerceiverSelfAttention`] that [`self_attention_fits`]."""
+    qkv, o = attn.qkv_proj, attn.o_proj
+    copies = tuple(shared_copies(dtype, qkv.weight, qkv.bias, o.weight, o.bias))
     return _SelfAttentionBranch.apply(
-        x, norm.weight, norm.bias, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
-        norm.eps, attn.num_heads, attn.head_dim, dtype,
+        x, norm.weight, norm.bias, qkv.weight, qkv.bias, o.weight, o.bias, norm.eps, attn.num_heads, attn.head_dim,
+        attn.spec.dropout if attn.training else 0.0, copies,
     )
 
 
 def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype, residual: bool) -> Tensor:
     """`x + mlp(norm(x))` (`mlp(norm(x))` without `residual`) for a [`PerceiverMLP`] that [`mlp_fits`]."""
     gate = mlp.gate_activation_name if mlp.gated else None
+    fc1, fc2 = mlp.fc1, mlp.fc2
     return _MLPBranch.apply(
-        x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps, gate,
-        residual, dtype,
+        x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, norm.eps, gate, residual,
+        tuple(shared_copies(dtype, fc1.weight, fc1.bias, fc2.weight, fc2.bias)),
     )
 
 

@@ -10,6 +10,10 @@ hundred thousand tokens of a batch. Here the forward writes the normalised outpu
 reads that dtype's gradient, writes the input gradient in the input's dtype, and sums gamma/beta gradients per
 program over row tiles, leaving a small `(programs, width)` partial that one reduction finishes.
 
+[`column_sum`] is the fused branches' other reduction over rows, a projection's bias gradient: one kernel whose last
+program per column block finishes the sum (PyTorch's sum over the token axis launches a memset and a reduction
+that reads a tall half-precision gradient at a fraction of the memory bandwidth).
+
 Off CUDA, without Triton, under `torch.compile` (Inductor fuses the native op itself) or for widths past one tile,
 [`layer_norm`] is `F.layer_norm` followed by the same cast.
 """
@@ -153,6 +157,46 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     return dx, out[0], out[1], out[2]
 
 
+# Per-column-block arrival counters of [`column_sum`], per device and stream (kernels on one stream run one after
+# another, so they can share counters; two streams cannot). Every launch leaves its counters at zero, so they are
+# zeroed once, when made, and never freed: a captured CUDA graph keeps their address.
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
+COUNTER_SLOTS = 4096
+_SUM_TILE = (32, 128, 4)  # rows per iteration, columns per program, warps
+
+
+def _counters(device: torch.device) -> Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = _COUNTERS[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return counters
+
+
+def column_sum(x2: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """`x2.sum(0, dtype=out_dtype)` of a `(rows, cols)` CUDA tensor with unit stride along the row, summed in fp32 in
+    a fixed order (the same result on every call). Each program sums a span of rows for one block of columns into a
+    partial; the last of a column block's programs to finish adds the partials up. Off CUDA or without Triton it is
+    PyTorch's sum."""
+    rows, cols = x2.shape
+    tile_rows, block, warps = _SUM_TILE
+    column_blocks = triton.cdiv(cols, block) if triton is not None else 0
+    if triton is None or not x2.is_cuda or x2.stride(-1) != 1 or rows == 0 or column_blocks > COUNTER_SLOTS:
+        return x2.sum(0, dtype=out_dtype)
+    # About four programs per SM in all, each over a span of whole row tiles.
+    splits = max(1, _programs(x2.device, column_blocks * triton.cdiv(rows, tile_rows), 4) // column_blocks)
+    span = triton.cdiv(triton.cdiv(rows, splits), tile_rows) * tile_rows
+    splits = triton.cdiv(rows, span)
+    partial = torch.empty((splits, cols), dtype=torch.float32, device=x2.device)
+    out = torch.empty(cols, dtype=out_dtype, device=x2.device)
+    _column_sum[(column_blocks, splits)](
+        x2, out, partial, _counters(x2.device), rows, cols, x2.stride(0), span, splits,
+        ROWS=tile_rows, BLOCK=block, num_warps=warps,
+    )
+    return out
+
+
 class FusedLayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` (the same parameters, initialisation and checkpoint keys) for a norm whose output a projection
     consumes. On CUDA, for inputs of at least `BLOCK_NORM_MIN_ELEMENTS` elements, it runs the Triton kernels of
@@ -268,7 +312,34 @@ if triton is not None:
         if RESIDUAL_SUM:
             tl.store(Partial + (2 * programs + program) * width + col, grad_r, mask=col_ok)
 
+    @triton.jit
+    def _column_sum(X, Out, Partial, Counters, rows, cols, stride, span, splits,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        block = tl.program_id(0)
+        split = tl.program_id(1)
+        col = block * BLOCK + tl.arange(0, BLOCK)
+        col_ok = col < cols
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for first in range(split * span, (split + 1) * span, ROWS):
+            row = first + tl.arange(0, ROWS)
+            ok = (row < rows)[:, None] & col_ok[None, :]
+            acc += tl.load(X + row[:, None].to(tl.int64) * stride + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(Partial + split * cols + col, tl.sum(acc, axis=0), mask=col_ok)
+        # The barrier and acq_rel: every thread's part of this program's partial is visible before its arrival
+        # counts, and the last arrival sees them all (read past L1, which another SM's writes do not update).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Counters + block, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            total = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            for first in range(0, splits, ROWS):
+                s = first + tl.arange(0, ROWS)
+                ok = (s < splits)[:, None] & col_ok[None, :]
+                total += tl.load(Partial + s[:, None] * cols + col[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(Out + col, tl.sum(total, axis=0).to(Out.dtype.element_ty), mask=col_ok)
+            tl.atomic_xchg(Counters + block, 0)
+
 
 __all__ = [
-    "BLOCK_NORM_MIN_ELEMENTS", "FusedLayerNorm", "fused_layer_norm_fits", "layer_norm", "norm_backward", "norm_forward",
+    "BLOCK_NORM_MIN_ELEMENTS", "FusedLayerNorm", "column_sum", "fused_layer_norm_fits", "layer_norm", "norm_backward",
+    "norm_forward",
 ]

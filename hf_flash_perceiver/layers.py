@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affi
 from .fused_activation import gated_activation
 from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
 from .fused_norm import FusedLayerNorm
-from .weight_cast import cast_projections, converted, plain, project
+from .weight_cast import cast_projections, converted, plain, project, unshared
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -414,6 +415,27 @@ class PerceiverBlock(GradientCheckpointingLayer):
         """Before any block runs: fill `context`'s shared input-norm cache for this cross-attention block."""
         self.attn.prepare(context, self.context_norm)
 
+    def _fused_paths(self, hidden_states: Tensor, cross: bool, kwargs: dict) -> tuple[torch.dtype | None, bool, bool]:
+        # On CUDA in half precision each residual branch may run as one fused autograd node (fused_block.py):
+        # (its dtype or None, whether the attention branch does, whether the MLP branch does).
+        fused = fused_dtype(hidden_states)
+        fuse_attn = (
+            not cross and fused is not None
+            and self_attention_fits(self.norm1, self.attn, kwargs.get("output_attentions"))
+        )
+        return fused, fuse_attn, fused is not None and mlp_fits(self.norm2, self.mlp)
+
+    def fused_weights(self, hidden_states: Tensor, **kwargs) -> list[Tensor]:
+        """The projection parameters this block's fused branches will convert for `hidden_states`, which the encoder
+        converts for all its blocks at once (weight_cast.prefetch_copies)."""
+        if self.gradient_checkpointing and self.training:
+            return []
+        _, fuse_attn, fuse_mlp = self._fused_paths(hidden_states, self.attn.spec.is_cross_attention, kwargs)
+        linears = ([self.attn.qkv_proj, self.attn.o_proj] if fuse_attn else []) + (
+            [self.mlp.fc1, self.mlp.fc2] if fuse_mlp else []
+        )
+        return [t for m in linears for t in (m.weight, m.bias) if t is not None]
+
     def forward(
         self, hidden_states: Tensor, context: CrossInput | Tensor | None = None, **kwargs
     ) -> tuple[Tensor, Tensor | None]:
@@ -421,22 +443,17 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self-attention. Returns `(hidden_states, attention weights or None)`."""
         if isinstance(context, Tensor):
             context = CrossInput(context)
-        # On CUDA in half precision each residual branch may run as one fused autograd node (fused_block.py).
-        fused = fused_dtype(hidden_states)
-        fuse_attn = (
-            context is None and fused is not None
-            and self_attention_fits(self.norm1, self.attn, kwargs.get("output_attentions"))
-        )
-        fuse_mlp = fused is not None and mlp_fits(self.norm2, self.mlp)
+        fused, fuse_attn, fuse_mlp = self._fused_paths(hidden_states, context is not None, kwargs)
         # What runs as modules converts its projection weights together (weight_cast.py); a block recomputed under
         # activation checkpointing does not, so that its forward and its recompute take the same path.
         linears = [] if fuse_attn else self.attn.projections()
         if not fuse_mlp:
             linears += [self.mlp.fc1, self.mlp.fc2]
-        if self.gradient_checkpointing and self.training:
+        checkpointed = self.gradient_checkpointing and self.training
+        if checkpointed:
             linears = []
         computed = None if context is None or not linears else self.attn.input_projection(context, self.context_norm)
-        with cast_projections(linears, hidden_states, computed):
+        with unshared() if checkpointed else nullcontext(), cast_projections(linears, hidden_states, computed):
             if fuse_attn:
                 hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
             else:

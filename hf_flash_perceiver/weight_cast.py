@@ -36,12 +36,11 @@ enabled = True
 HALF = (torch.bfloat16, torch.float16)
 
 # The converted `(weight, bias)` of each projection: `_active` is what `project` reads (set by a block while it
-# runs), `_shared` the store kept for a whole forward by `shared_casts`. Context variables, not globals: threads
-# (nn.DataParallel's replicas) each see their own.
+# runs), `_shared` the store kept for a whole forward by `shared_casts` (one per grad mode, and one of plain copies
+# per dtype for `shared_copies`). Context variables, not globals: threads (nn.DataParallel's replicas) each see their
+# own.
 _active: ContextVar[dict[Hashable, tuple[Tensor, Tensor | None]] | None] = ContextVar("_active", default=None)
-_shared: ContextVar[dict[bool, dict[Hashable, tuple[Tensor, Tensor | None]]] | None] = ContextVar(
-    "_shared", default=None
-)
+_shared: ContextVar[dict[Hashable, dict] | None] = ContextVar("_shared", default=None)
 
 
 def cast_tensors(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
@@ -51,9 +50,45 @@ def cast_tensors(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | N
     if all(t.dtype == dtype for t in present):
         return list(tensors)
     copies = [torch.empty_like(t, dtype=dtype) for t in present]
-    torch._foreach_copy_(copies, present)
+    with torch.no_grad():
+        torch._foreach_copy_(copies, present)
     it = iter(copies)
     return [None if t is None else next(it) for t in tensors]
+
+
+def _plain_store(dtype: torch.dtype) -> dict[int, tuple[Tensor, Tensor]] | None:
+    # Plain copies are kept for the enclosing `shared_casts` scope only while grad is on: then the fused branches save
+    # every copy for backward anyway, and keeping them from the start costs no memory; without grad a forward frees
+    # each after use.
+    shared = _shared.get()
+    if shared is None or not torch.is_grad_enabled():
+        return None
+    return shared.setdefault(("plain", dtype), {})
+
+
+def shared_copies(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    """[`cast_tensors`] for the fused residual branches (fused_block.py), whose autograd nodes compute the parameters'
+    gradients themselves: inside [`shared_casts`] with grad on, a tensor converted earlier in the scope (by
+    [`prefetch_copies`], or by a block sharing its modules) is not converted again."""
+    store = _plain_store(dtype)
+    if store is None:
+        return cast_tensors(dtype, *tensors)
+    missing = [t for t in dict.fromkeys(tensors) if t is not None and id(t) not in store]
+    if missing:
+        prefetch_copies(dtype, missing)
+    return [None if t is None else store[id(t)][1] for t in tensors]
+
+
+def prefetch_copies(dtype: torch.dtype | None, tensors: Iterable[Tensor]) -> None:
+    """Convert `tensors` to `dtype` by one multi-tensor copy and keep the copies for [`shared_copies`] in the
+    enclosing [`shared_casts`] scope (a no-op outside one, without grad, or with `dtype` None): the encoder converts
+    every fused branch's weights of a forward together rather than one launch per branch."""
+    store = None if dtype is None else _plain_store(dtype)
+    if store is None:
+        return
+    todo = [t for t in dict.fromkeys(tensors, None) if id(t) not in store]
+    # The source is kept beside its copy: while it lives, its id names no other tensor.
+    store.update((id(t), (t, c)) for t, c in zip(todo, cast_tensors(dtype, *todo)))
 
 
 class _CastParameters(torch.autograd.Function):
@@ -109,11 +144,23 @@ def _castable(linear: nn.Module, dtype: torch.dtype) -> bool:
 @contextmanager
 def shared_casts() -> Iterator[None]:
     """Keep the conversions made by the blocks inside for the whole block of code (one model forward): a projection
-    called by several blocks is converted once. Nested scopes share the outermost one."""
+    called by several blocks is converted once, and so is a fused branch's weight ([`shared_copies`]). Nested scopes
+    share the outermost one."""
     if not enabled or torch.compiler.is_compiling() or _shared.get() is not None:
         yield
         return
     token = _shared.set({})
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+@contextmanager
+def unshared() -> Iterator[None]:
+    """No [`shared_casts`] scope inside: for a block under activation checkpointing, whose forward frees what it
+    converts (its recompute in backward converts again)."""
+    token = _shared.set(None)
     try:
         yield
     finally:
@@ -184,4 +231,7 @@ def project(linear: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x, *cast)
 
 
-__all__ = ["cast_projections", "cast_tensors", "converted", "enabled", "plain", "project", "shared_casts"]
+__all__ = [
+    "cast_projections", "cast_tensors", "converted", "enabled", "plain", "prefetch_copies", "project", "shared_casts",
+    "shared_copies", "unshared",
+]

@@ -479,6 +479,43 @@ def test_norm_backward_sums_the_residual_gradient(affine):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, cols, dtype", [(65536, 768, torch.bfloat16), (4099, 300, torch.float16),
+                                                (37, 1000, torch.float32), (1, 8, torch.bfloat16)])
+def test_column_sum_matches_torch_sum(rows, cols, dtype):
+    """`column_sum` (a projection's bias gradient in the fused branches): the fp32 column sums of a tall matrix, the
+    same on every call (a fixed summation order), with its arrival counters left at zero, eagerly and replayed from a
+    CUDA graph; a strided view and an fp32 output dtype too."""
+    from hf_flash_perceiver import fused_norm
+    from hf_flash_perceiver.fused_norm import column_sum
+
+    gen = torch.Generator(device="cuda").manual_seed(rows + cols)
+    x = torch.randn(rows, cols + 16, device="cuda", generator=gen).to(dtype)[:, 8:cols + 8]  # row stride != cols
+    got = column_sum(x)
+    want = x.double().sum(0)
+    assert got.dtype == torch.float32 and got.shape == (cols,)
+    # fp32 accumulation over up to 65536 rows of unit-variance values: |sum| ~ sqrt(rows), fp32 rounding ~ 1e-7
+    # relative per add; against an fp64 reference.
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * rows**0.5)
+    assert torch.equal(column_sum(x), got)
+    assert column_sum(x, torch.bfloat16).dtype == torch.bfloat16
+    assert all(int(c.count_nonzero()) == 0 for c in fused_norm._COUNTERS.values())
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        column_sum(x)  # counters for this stream made outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            replayed = column_sum(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.add_(1.0)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(replayed.double(), x.double().sum(0), rtol=1e-5, atol=1e-5 * rows**0.5)
+    assert all(int(c.count_nonzero()) == 0 for c in fused_norm._COUNTERS.values())
+
+
 def test_fused_mlp_branch_keeps_no_activation_output():
     """The fused MLP branch saves its first projection's output for backward, not the activation's output (the
     backward kernel writes that again): one `(rows, hidden)` tensor less per MLP."""
@@ -616,6 +653,85 @@ def test_fused_block_matches_module_path(case):
     fused_kernels = _kernel_count(lambda: _fused_block_step(model, x))
     module_kernels = _module_path(lambda: _kernel_count(lambda: _fused_block_step(model, x)))
     assert fused_kernels < module_kernels, (fused_kernels, module_kernels)
+
+
+@pytest.mark.usefixtures("fuse_every_branch")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_fused_self_attention_dropout_matches_module_path(kernel, monkeypatch):
+    """Attention dropout in training stays on the fused branch, in the attention kernel itself, as SDPA applies it on
+    the module path: from the same RNG state both paths draw the same mask (the same kernel consumes the same
+    generator offset), so outputs and gradients agree as without dropout, and the mask is really applied (outputs
+    differ from the eval-mode ones and between seeds)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_flash_perceiver import attention_backends, encoder_graphs
+
+    if kernel == "cudnn" and not attention_backends.CUDNN_AVAILABLE:
+        pytest.skip("cuDNN attention unavailable")
+    monkeypatch.setattr(encoder_graphs, "enabled", False)  # warm-up replays would draw masks of their own
+    # The module path's SDPA must pick the kernel the fused branch calls directly.
+    monkeypatch.setattr(attention_backends, "flash_beats_cudnn", lambda *a: kernel == "flash")
+    backends = [SDPBackend.CUDNN_ATTENTION] if kernel == "cudnn" else [SDPBackend.FLASH_ATTENTION]
+    cfg = small_config(latent_dim=128, num_latents=64, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
+                       input_dim=24, latent_attn_dropout=0.3, cross_attn_dropout=0.0)
+    model = cuda_model(cfg, "sdpa", seed=1).train()
+    x = torch.randn(3, 70, cfg.input_dim, device="cuda", requires_grad=True)
+
+    def step(seed):
+        torch.manual_seed(seed)
+        with sdpa_kernel(backends):
+            return _fused_block_step(model, x)
+
+    ops = _ops(lambda: step(0))
+    assert "_SelfAttentionBranch" in ops, ops
+    out, grads, x_grad = step(0)
+    ref_out, ref_grads, ref_x_grad = _module_path(lambda: step(0))
+    # Both bf16 paths with one mask: within the bf16 tolerances of each other (a different mask is O(1) off).
+    assert rel_err(out, ref_out) <= 2e-2
+    assert rel_err(x_grad, ref_x_grad) <= 5e-2
+    for name, ref in ref_grads.items():
+        assert rel_err(grads[name], ref) <= 5e-2, name
+    # One path is deterministic from one seed, so any difference past rounding is the mask's.
+    assert not torch.allclose(step(1)[0], out, rtol=1e-3, atol=1e-3)
+    model.eval()
+    assert not torch.allclose(step(0)[0], out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.usefixtures("fuse_every_branch")
+def test_fused_branch_weights_converted_once_per_forward(monkeypatch):
+    """With grad, every fused branch's projection parameters of a forward are converted to bf16 by one multi-tensor
+    copy, before the first block (a repeated latent stack converts once, not per repeat); without grad each branch
+    converts its own when it runs (nothing kept past its use)."""
+    from hf_flash_perceiver import encoder_graphs, weight_cast
+
+    monkeypatch.setattr(encoder_graphs, "enabled", False)
+    calls = []
+    original = weight_cast.cast_tensors
+
+    def recording(dtype, *tensors):
+        calls.append([id(t) for t in tensors if t is not None])
+        return original(dtype, *tensors)
+
+    monkeypatch.setattr(weight_cast, "cast_tensors", recording)
+    cfg = small_config(latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
+                       input_dim=16, depth=2, self_per_cross_attn=2, latent_stack_repeats=3, latent_qkv_bias=True)
+    model = cuda_model(cfg, "sdpa").train()
+    x = torch.randn(2, 40, cfg.input_dim, device="cuda")
+    enc = model.encoder
+    latents = torch.empty(2, 32, 128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = {id(t) for layer in [*enc.cross_layers, *(l for ls in enc.self_layers for l in ls)]
+                 for t in layer.fused_weights(latents)}
+        # Both branches of every self-attention block, the MLP of every cross-attention block, biases included.
+        assert len(fused) == 2 * cfg.depth * (1 + 2 * cfg.self_per_cross_attn) * 2
+        model(x).last_hidden_state.float().sum().backward()
+    assert enc.self_layers[0][0].attn.qkv_proj.weight.grad is not None
+    assert [set(call) for call in calls if set(call) & fused] == [fused]
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+    qkv = id(enc.self_layers[0][0].attn.qkv_proj.weight)
+    assert sum(call.count(qkv) for call in calls) == cfg.latent_stack_repeats
 
 
 @pytest.mark.usefixtures("fuse_every_branch")

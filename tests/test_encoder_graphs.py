@@ -23,6 +23,9 @@ pytestmark = pytest.mark.cuda
 # weights or activations is off by O(1).
 REPLAY_REL_TOL = 2e-3
 REPLAY_GRAD_REL_TOL = 1e-2
+# What six optimizer steps changed in a parameter: each step's gradient within REPLAY_GRAD_REL_TOL, compounding over
+# the steps (up to 1.03e-2 measured on a cross-attention norm's weight, depending on the inputs drawn).
+REPLAY_TRAINING_REL_TOL = 2e-2
 
 
 def rel_err(a, b):
@@ -124,7 +127,8 @@ def test_replay_matches_eager(model, eager, monkeypatch):
 def test_training_follows_the_optimizer_and_accumulates(model, eager):
     twin = copy.deepcopy(model)
     start = [p.detach().clone() for p in model.parameters()]
-    xs = [torch.randn(4, 100, 24, device="cuda") for _ in range(3)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(4, 100, 24, device="cuda", generator=gen) for _ in range(3)]
     for m, graphs in ((model, True), (twin, False)):
         encoder_graphs.enabled = graphs
         # Small steps: the loss (the output's mean square, no final norm) diverges within six steps at lr 0.05.
@@ -145,7 +149,7 @@ def test_training_follows_the_optimizer_and_accumulates(model, eager):
     for (name, p), q, p0 in zip(model.named_parameters(), twin.parameters(), start):
         # What training changed, graphs against eager (biases start at zero: their own norm is all change).
         err = rel_err(p.detach() - p0, q.detach() - p0)
-        assert err <= REPLAY_GRAD_REL_TOL, (name, err)
+        assert err <= REPLAY_TRAINING_REL_TOL, (name, err)
 
 
 def test_second_forward_before_backward_runs_eagerly(model, eager, monkeypatch):

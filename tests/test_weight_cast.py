@@ -242,3 +242,31 @@ def test_shared_scope_keeps_copies_made_without_grad_apart():
     y.float().sum().backward()
     assert lin.weight.grad is not None and lin.bias.grad is not None
     torch.testing.assert_close(lin.bias.grad, torch.full((3,), 2.0))  # d(sum)/d(bias) = batch size, exact in bf16
+
+
+def test_shared_copies_prefetched_once_per_scope_with_grad():
+    """The fused branches' copies (`shared_copies`, plain and without autograd history): inside a `shared_casts`
+    scope with grad on, `prefetch_copies` converts a list of tensors with one multi-tensor copy and later calls
+    reuse those copies, converting only what was not prefetched; outside a scope, or without grad, every call
+    converts anew and nothing is kept."""
+    from hf_flash_perceiver.weight_cast import prefetch_copies, shared_casts, shared_copies
+
+    g = torch.Generator().manual_seed(3)
+    w1, b1, w2 = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((6, 4), (6,), (4, 6)))
+    extra = torch.randn(5, generator=g, requires_grad=True)
+    with shared_casts():
+        with _Ops([]) as ops:
+            prefetch_copies(torch.bfloat16, [w1, b1, w2, w1])
+            first = shared_copies(torch.bfloat16, w1, b1, None, w2)
+            again = shared_copies(torch.bfloat16, w2, extra)
+        assert ops.ops["_foreach_copy_"] == 2  # the prefetch, then `extra` alone
+        assert first[2] is None and again[0] is first[3]
+        for src, dst in zip((w1, b1, w2, extra), (first[0], first[1], first[3], again[1])):
+            assert dst.dtype == torch.bfloat16 and not dst.requires_grad and dst.grad_fn is None
+            assert torch.equal(dst, src.detach().to(torch.bfloat16))
+        with torch.no_grad():
+            assert shared_copies(torch.bfloat16, w1)[0] is not first[0]
+    with _Ops([]) as ops:
+        prefetch_copies(torch.bfloat16, [w1])
+        a, b = shared_copies(torch.bfloat16, w1)[0], shared_copies(torch.bfloat16, w1)[0]
+    assert ops.ops["_foreach_copy_"] == 2 and a is not b
