@@ -474,6 +474,17 @@ def test_layer_norm_off_cuda_is_pytorch_then_autocast_cast():
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref.to(torch.bfloat16))
 
 
+def test_column_sum_off_cuda_is_pytorch_sum():
+    """Off CUDA `column_sum` (the fused branches' bias-gradient reduction) is PyTorch's sum over the rows in the asked
+    dtype, strided rows included; the GPU tests check the Triton kernel against fp64. Exact here: the same op."""
+    from hf_flash_perceiver.fused_norm import column_sum
+
+    x = torch.randn(37, 24).to(torch.bfloat16)[:, 4:20]
+    got = column_sum(x)
+    assert got.dtype == torch.float32 and torch.equal(got, x.sum(0, dtype=torch.float32))
+    assert torch.equal(column_sum(x, torch.bfloat16), x.sum(0, dtype=torch.bfloat16))
+
+
 def test_block_norms_are_layer_norms():
     """The blocks' norms are `nn.LayerNorm`s (same parameters, checkpoint keys and initialisation); off CUDA, and on
     it below `BLOCK_NORM_MIN_ELEMENTS`, their forward is PyTorch's (the GPU tests check the Triton path against it)."""

@@ -270,3 +270,17 @@ def test_shared_copies_prefetched_once_per_scope_with_grad():
         prefetch_copies(torch.bfloat16, [w1])
         a, b = shared_copies(torch.bfloat16, w1)[0], shared_copies(torch.bfloat16, w1)[0]
     assert ops.ops["_foreach_copy_"] == 2 and a is not b
+
+
+def test_unshared_keeps_no_copies_inside_a_shared_scope():
+    """`unshared()` (a block under activation checkpointing) hides the enclosing scope: copies made inside are not
+    kept for the forward, and the scope's own copies are there again after it."""
+    from hf_flash_perceiver.weight_cast import shared_casts, shared_copies, unshared
+
+    w = torch.randn(4, 3, requires_grad=True)
+    with shared_casts():
+        kept = shared_copies(torch.bfloat16, w)[0]
+        with unshared():
+            inside = [shared_copies(torch.bfloat16, w)[0] for _ in range(2)]
+        assert inside[0] is not kept and inside[1] is not inside[0]
+        assert shared_copies(torch.bfloat16, w)[0] is kept
