@@ -63,10 +63,11 @@ class PerceiverEncoder(nn.Module):
         # Blocks that share modules (tied layers, repeated latent stacks) share their converted weights too, and the
         # fused branches' weights are converted for every block by one multi-tensor copy.
         with shared_casts():
-            blocks = dict.fromkeys(self.block_index(i) for i in range(len(contexts)))
-            layers = [layer for b in blocks for layer in (self.cross_layers[b], *self.self_layers[b])]
-            weights = [t for layer in layers for t in layer.fused_weights(latents, **kwargs)]
-            prefetch_copies(fused_dtype(latents), weights)
+            dtype = fused_dtype(latents)
+            if dtype is not None:  # (no block runs a fused branch otherwise: nothing to collect)
+                blocks = dict.fromkeys(self.block_index(i) for i in range(len(contexts)))
+                layers = [layer for b in blocks for layer in (self.cross_layers[b], *self.self_layers[b])]
+                prefetch_copies(dtype, [t for layer in layers for t in layer.fused_weights(latents, **kwargs)])
             for i, context in enumerate(contexts):
                 b = self.block_index(i)
                 x, _ = self.cross_layers[b](x, context, **kwargs)
