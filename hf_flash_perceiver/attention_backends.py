@@ -31,7 +31,7 @@ import importlib.util
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -62,6 +62,7 @@ class KeyPaddingMask:
     mask: Tensor
     has_keys: Tensor
     _packed: tuple[Tensor, Tensor, int] | None = None
+    _key_bias: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> KeyPaddingMask:
@@ -81,9 +82,26 @@ class KeyPaddingMask:
             self._packed = (indices, cu_seqlens, int(lengths.max()))
         return self._packed
 
+    def key_bias(self, dtype: torch.dtype) -> Tensor:
+        """[`additive_key_bias`] of the whole mask, made once per dtype and shared by every layer attending to this
+        input."""
+        bias = self._key_bias.get(dtype)
+        if bias is None:
+            bias = self._key_bias[dtype] = additive_key_bias(self.mask, dtype)
+        return bias
+
     def zero_empty_rows(self, out: Tensor) -> Tensor:
         """Cross-attention over no keys contributes nothing: zero the rows of samples that had none."""
         return out * self.has_keys.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+
+
+def additive_key_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """A key-padding mask `keep (batch, kv_len)` (True = attend) as an additive bias `(batch, 1, 1, kv_len)` in
+    `dtype`, for the kernels that take one (cuDNN's attention): 0 where attended, a large *finite* negative elsewhere
+    (a chunk of the chunked cross-attention in which a sample has no valid key then merges with weight exp(-huge) = 0
+    rather than NaN; every sample has a valid key somewhere, which [`KeyPaddingMask`] guarantees)."""
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return bias.masked_fill_(~keep, torch.finfo(dtype).min / 2)[:, None, None, :]
 
 
 def eager_attention(

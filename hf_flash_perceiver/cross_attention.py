@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_backends import KeyPaddingMask, fused_kernels_fit
+from .attention_backends import KeyPaddingMask, additive_key_bias, fused_kernels_fit
 from .context_parallel import SequenceShard, merge_partials, sum_over_ranks
 from .fused_norm import layer_norm
 
@@ -219,12 +219,7 @@ def _chunks(segments: list[Tensor], size: int, skip_first: bool = False):
 def _bias(mask: KeyPaddingMask | None, start: int, end: int, dtype) -> Tensor | None:
     if mask is None:
         return None
-    # A large *finite* negative bias, not -inf: a chunk in which a sample has no valid key then merges with weight
-    # exp(-huge) = 0 instead of producing NaN (every sample has a valid key somewhere: KeyPaddingMask guarantees it).
-    keep = mask.mask[:, start:end]
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
-        ~keep, torch.finfo(dtype).min / 2
-    )[:, None, None, :]
+    return additive_key_bias(mask.mask[:, start:end], dtype)
 
 
 class _ChunkedCrossAttention(torch.autograd.Function):

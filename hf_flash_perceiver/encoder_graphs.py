@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 # The switch, read at every call of the encoder: `hf_flash_perceiver.encoder_graphs.enabled = False` turns the graphs
 # off, as does HF_FLASH_PERCEIVER_ENCODER_GRAPHS=0 in the environment (for launchers that start the training script).
 enabled = os.environ.get("HF_FLASH_PERCEIVER_ENCODER_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
-# The captured encoder runs the fused residual branches of the latent path (fused_block.py) where they fit. Eagerly
+# The captured encoder runs the fused residual branches (fused_block.py) where they fit. Eagerly
 # they are opt-in because each Triton launch costs more host time than the PyTorch ops it replaces; a replay costs no
 # host time per kernel, so there they only save device time. Read when a signature is captured.
 fuse_branches = True

@@ -1,21 +1,25 @@
-"""The latent path's two residual branches, each as one autograd node on CUDA in half precision.
+"""The latent path's residual branches, each as one autograd node on CUDA in half precision.
 
-`x + Attn(LN(x))` (self-attention) and `x + MLP(LN(x))` run as a short fixed sequence of kernels with a backward
-written out: the LayerNorm and the MLP activation are Triton kernels (the LayerNorm's backward also adds the residual
-gradient and sums it over the rows, which is the output projection's bias gradient; the activation's backward
-writes the activation's output again, so the MLP keeps only its first projection's output), projections are single
-`addmm`s on weights converted once per forward (the encoder converts every branch's together), attention is
-PyTorch's cuDNN (or FlashAttention-2) kernel called directly, and weight and bias gradients come out of the GEMMs
-and one-kernel column sums in fp32, so no cast kernels follow them. Built module by module, the same branch launches
-about three times as many kernels, each with its own autograd, autocast and Python overhead: that overhead, not the
-GPU, bounds an eager training step of the Perceiver's small latent arrays.
+`x + Attn(LN(x))` (the latents' self-attention, or their cross-attention to an input) and `x + MLP(LN(x))` run as a
+short fixed sequence of kernels with a backward written out: the LayerNorm and the MLP activation are Triton kernels
+(the LayerNorm's backward also adds the residual gradient and sums it over the rows, which is the output
+projection's bias gradient; the activation's backward writes the activation's output again, so the MLP keeps only
+its first projection's output), projections are single GEMMs on weights converted once per forward (the encoder
+converts every branch's together; the cross-attention folds its input norm into the key/value projection by one
+kernel), the residual add takes the output projection's bias in one vectorised kernel, attention is PyTorch's cuDNN
+(or FlashAttention-2) kernel called directly, and weight and bias gradients come out of the GEMMs and one-kernel
+column sums in fp32, so no cast kernels follow them; a branch hands its input gradient on in half precision too, for
+the branch below. Built module by module, the same branch launches about three times as many kernels, each with its
+own autograd, autocast and Python overhead: that overhead, not the GPU, bounds an eager training step of the
+Perceiver's small latent arrays.
 
 The values are those of the modules under autocast up to rounding order (weight gradients are better: they skip
 the round trip through the half-precision dtype). [`PerceiverBlock`] takes this path only where it computes the
 same function: CUDA, autocast (or half-precision weights), plain `nn.Linear` projections and LayerNorms (not
-PEFT-wrapped or hooked ones), no attention maps, no rotary, the sdpa/varlen backends, and not under `torch.compile`
-(Inductor fuses the module path itself). Attention dropout is the attention kernel's own, as SDPA's is on the module
-path. Everything else, and every CPU, runs the modules.
+PEFT-wrapped or hooked ones), no attention maps, no rotary, the sdpa/varlen backends (a padded input to a
+cross-attention: sdpa, through cuDNN), no chunked or context-parallel input, and not under `torch.compile` (Inductor
+fuses the module path itself). Attention dropout is the attention kernel's own, as SDPA's is on the module path.
+Everything else, and every CPU, runs the modules.
 """
 
 from __future__ import annotations
@@ -27,11 +31,20 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from .attention_backends import CUDNN_AVAILABLE, FUSED_MAX_HEAD_DIM
-from .cross_attention import _fused_backward, _fused_forward
+from .attention_backends import CUDNN_AVAILABLE, FUSED_MAX_HEAD_DIM, flash_beats_cudnn
+from .cross_attention import CrossInput, _fused_backward, _fused_forward
 from .fused_activation import activation_backward, activation_forward
-from .fused_norm import FusedLayerNorm, column_sum, norm_backward, norm_forward, triton
-from .weight_cast import plain, shared_copies
+from .fused_norm import (
+    FusedLayerNorm,
+    column_sum,
+    fold_affine,
+    norm_backward,
+    norm_forward,
+    tl,
+    triton,
+    unfold_affine_grads,
+)
+from .weight_cast import cast_tensors, plain, shared_copies
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
 # module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
@@ -98,16 +111,52 @@ def _head_dim_fits(head_dim: int, weight: Tensor) -> bool:
     return _takes_wide_heads(weight.device.index if weight.device.index is not None else torch.cuda.current_device())
 
 
-def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: bool) -> bool:
-    """Whether `x + attn(norm(x))` of a [`PerceiverSelfAttention`] runs fused: see the module docstring."""
+def _attention_fits(attn: nn.Module, output_attentions: bool, weight: Tensor) -> bool:
+    # What both attention branches need: a kernel they call directly takes the call (one head width that it
+    # supports, no rotary, a backend whose kernels these are) and no attention map is asked for.
     return (
         not output_attentions
         and attn.rotary is None
         and (attn.config._attn_implementation or "sdpa") in ("sdpa", "varlen")
         and attn.head_dim == attn.v_head_dim
         and attn.head_dim % 8 == 0
-        and _head_dim_fits(attn.head_dim, attn.qkv_proj.weight)
-        and _plain(norm, attn.qkv_proj, attn.o_proj)
+        and _head_dim_fits(attn.head_dim, weight)
+    )
+
+
+def self_attention_fits(norm: nn.Module, attn: nn.Module, output_attentions: bool) -> bool:
+    """Whether `x + attn(norm(x))` of a [`PerceiverSelfAttention`] runs fused: see the module docstring."""
+    return _attention_fits(attn, output_attentions, attn.qkv_proj.weight) and _plain(norm, attn.qkv_proj, attn.o_proj)
+
+
+def cross_attention_fits(norm: nn.Module, attn: nn.Module, context_norm: nn.Module | None,
+                         output_attentions: bool) -> bool:
+    """Whether `x + attn(norm(x), input)` of a [`PerceiverCrossAttention`] runs fused for any input (see
+    [`cross_input_fits`] for the input's part): besides the self-attention's conditions, the regular path (not the
+    chunked one) and an input side computed from the weights of `kv_proj` and the input norm (folded)."""
+    affine = context_norm is None or (context_norm.weight is None) == (context_norm.bias is None)
+    return (
+        not attn.spec.chunked
+        and affine
+        and attn.folds(context_norm)
+        and _attention_fits(attn, output_attentions, attn.q_proj.weight)
+        and _plain(norm, attn.q_proj, attn.o_proj)
+    )
+
+
+def cross_input_fits(attn: nn.Module, context: CrossInput) -> bool:
+    """The input's part of [`cross_attention_fits`]: not a context-parallel shard, and a padding mask only where the
+    module path would run cuDNN's attention with it too (the `sdpa` backend, heads up to 128 wide; `varlen` packs the
+    keys instead)."""
+    if context.shard is not None:
+        return False
+    if context.mask is None:
+        return True
+    return (
+        (attn.config._attn_implementation or "sdpa") == "sdpa"
+        and attn.head_dim <= 128
+        and CUDNN_AVAILABLE
+        and torch.backends.cuda.cudnn_sdp_enabled()
     )
 
 
@@ -123,17 +172,47 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, param: Tensor, want_x: bool, want_w: bool,
+def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, grad_dtype: torch.dtype, want_x: bool, want_w: bool,
                      want_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """`(dx, d_weight, d_bias)` of `x @ weight.T + bias` from the half-precision `dy`; the parameter gradients in
-    the parameter's dtype (`param`: the fp32 weight), straight from the GEMM / reduction."""
+    `grad_dtype` (the parameters' own), straight from the GEMM / reduction."""
     dx = torch.mm(dy, weight) if want_x else None
     dw = db = None
     if want_w:
-        dw = torch.mm(dy.t(), x, out_dtype=param.dtype) if param.dtype != dy.dtype else torch.mm(dy.t(), x)
+        dw = torch.mm(dy.t(), x, out_dtype=grad_dtype) if grad_dtype != dy.dtype else torch.mm(dy.t(), x)
     if want_b:
-        db = column_sum(dy, param.dtype)
+        db = column_sum(dy, grad_dtype)
     return dx, dw, db
+
+
+_ADD_BLOCK = 2048
+
+
+def _residual_add(x2: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`x2 + a @ weight.T + bias`, a residual stream `x2` (in its dtype) plus a projection (GEMM in the compute
+    dtype): the sum and the bias in fp32 by one vectorised kernel rather than the GEMM's bias epilogue and PyTorch's
+    add of two dtypes, which is not vectorised."""
+    o = torch.mm(a, weight.t())
+    if not x2.is_contiguous():
+        return torch.add(x2, o if bias is None else o + bias.to(o.dtype))
+    y = torch.empty_like(x2)
+    _add_rows[(triton.cdiv(x2.numel(), _ADD_BLOCK),)](
+        x2, o, bias if bias is not None else x2, y, x2.numel(), x2.shape[1], HAS_BIAS=bias is not None,
+        BLOCK=_ADD_BLOCK, num_warps=4,
+    )
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rows(X, O, B, Y, n, width, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        y = tl.load(X + i, mask=ok, other=0.0).to(tl.float32) + tl.load(O + i, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(B + i % width, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + i, y.to(Y.dtype.element_ty), mask=ok)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -144,25 +223,72 @@ def _rows(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- attention
 
 
-def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                       dropout: float) -> tuple[Tensor, Tensor, tuple]:
-    # cuDNN where available (what SDPA picks on Hopper for these shapes), else FlashAttention-2; both keep the
-    # log-sum-exp for the backward and, under dropout, the RNG seed and offset the backward regenerates the mask from.
-    if CUDNN_AVAILABLE and torch.backends.cuda.cudnn_sdp_enabled():
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: float, bias: Tensor | None = None,
+                       flash: bool = False) -> tuple[Tensor, Tensor, tuple]:
+    # cuDNN where available (what SDPA picks on Hopper for these shapes), else FlashAttention-2 (or where `flash`
+    # asks for it: a few query tiles over a long input); a key bias (padding mask) always goes to cuDNN. Each keeps
+    # the log-sum-exp for the backward and, under dropout, the RNG seed and offset the backward regenerates the mask
+    # from.
+    if bias is None and not flash and CUDNN_AVAILABLE and torch.backends.cuda.cudnn_sdp_enabled():
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, dropout, False, False,
                                                                   scale=scale)
         return res[0], res[1], ("cudnn", *res[2:8])
-    out, lse, aux = _fused_forward(q, k, v, None, scale, dropout)
-    return out, lse, ("flash", *aux)
+    out, lse, aux = _fused_forward(q, k, v, bias, scale, dropout)
+    return out, lse, ("fused", *aux)
 
 
-def _attention_backward(dout, q, k, v, out, lse, aux, scale, dropout) -> tuple[Tensor, Tensor, Tensor]:
-    if aux[0] == "flash":
-        return _fused_backward(dout, q, k, v, out, lse, None, scale, aux[1:], dropout)
+def _attention_backward(dout, q, k, v, out, lse, aux, scale, dropout, bias=None) -> tuple[Tensor, Tensor, Tensor]:
+    if aux[0] == "fused":
+        return _fused_backward(dout, q, k, v, out, lse, bias, scale, aux[1:], dropout)
     _, cum_q, cum_k, max_q, max_k, seed, offset = aux
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, dropout, False, scale=scale
     )
+
+
+def _like_output(dout: Tensor, out: Tensor) -> Tensor:
+    # The kernels' backward reads the output gradient in the output's layout.
+    return dout if dout.stride() == out.stride() else torch.empty_like(out).copy_(dout)
+
+
+# ---------------------------------------------------------------------------------------------------- branches
+# A branch's backward needs the gradient of its output twice: in fp32, added to the input gradient, and in half
+# precision, for the output projection's GEMMs. Where a branch's input is another fused branch's output (the latent
+# stream from block to block), the LayerNorm backward kernel that writes the input gradient also writes its half
+# precision copy, and the copy travels with the gradient to the branch below, which then converts nothing. The copy
+# is used only while the gradient is the very tensor it was written beside and unmodified (autograd passes a lone
+# gradient on as it is; a sum with another gradient, or a hook, makes another tensor or bumps its version).
+_HALF_COPY = "_hf_flash_perceiver_half_copy"
+
+
+def _takes_branch_output(x: Tensor) -> bool:
+    # In forward: whether `x` comes straight out of a fused branch, whose backward will read the half copy.
+    return x.grad_fn is not None and type(x.grad_fn) in _BRANCH_BACKWARDS
+
+
+def _half_grad(dy: Tensor, dy2: Tensor, dtype: torch.dtype) -> Tensor:
+    """`dy2` (the rows of `dy`) in `dtype`: the copy handed on with `dy` where it still matches, else converted."""
+    handed = getattr(dy, _HALF_COPY, None)
+    if handed is not None:
+        copy, version = handed
+        if version == dy._version and copy.dtype == dtype and copy.shape == dy2.shape:
+            return copy
+    return dy2.to(dtype)
+
+
+def _input_grad(ctx, x2: Tensor, dh: Tensor, ln_w: Tensor, stats: Tensor, dy2: Tensor | None,
+                residual_sum: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The LayerNorm backward of a branch, `dy2` being the residual gradient (None without the residual): `(dx,
+    d_ln_w, d_ln_b, row sum of dy2)`, `dx` shaped like the branch's input and carrying its half copy where the
+    branch below reads it."""
+    copy = torch.empty(x2.shape, dtype=dtype, device=x2.device) if ctx.hand_on else None
+    dx, d_ln_w, d_ln_b, row_sum = norm_backward(
+        x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2, residual_sum=residual_sum, dx_copy=copy
+    )
+    dx = dx.view(ctx.shape)
+    if copy is not None:
+        setattr(dx, _HALF_COPY, (copy, dx._version))
+    return dx, d_ln_w, d_ln_b, row_sum
 
 
 class _SelfAttentionBranch(torch.autograd.Function):
@@ -179,9 +305,10 @@ class _SelfAttentionBranch(torch.autograd.Function):
         scale = head_dim**-0.5
         out, lse, aux = _attention_forward(q, k, v, scale, dropout)
         a = out.transpose(1, 2).reshape(batch * length, heads * head_dim)
-        y = torch.add(x2, _linear(a, w_o_c, b_o_c))
+        y = _residual_add(x2, a, w_o_c, b_o)
         ctx.save_for_backward(x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
         ctx.aux, ctx.scale, ctx.dropout, ctx.shape = aux, scale, dropout, x.shape
+        ctx.hand_on = _takes_branch_output(x)
         ctx.has_ln_bias, ctx.has_qkv_bias, ctx.has_o_bias = ln_b is not None, b_qkv is not None, b_o is not None
         return y.view(x.shape)
 
@@ -192,20 +319,98 @@ class _SelfAttentionBranch(torch.autograd.Function):
         batch, length, _ = ctx.shape
         heads, head_dim = out.shape[1], out.shape[3]
         dy2 = _rows(dy)
-        do = dy2.to(w_o_c.dtype)
+        do = _half_grad(dy, dy2, w_o_c.dtype)
         # o_proj's bias gradient is the row sum of `dy`, which the LayerNorm backward below reads anyway.
-        da, dw_o, _ = _linear_backward(do, a, w_o_c, w_o, True, need[5], False)
-        dout = da.view(batch, length, heads, head_dim).transpose(1, 2)
-        if dout.stride() != out.stride():
-            dout = torch.empty_like(out).copy_(dout)
+        da, dw_o, _ = _linear_backward(do, a, w_o_c, w_o.dtype, True, need[5], False)
+        dout = _like_output(da.view(batch, length, heads, head_dim).transpose(1, 2), out)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale, ctx.dropout)[:3]
         dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1)
-        dh, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv, True, need[3], need[4] and ctx.has_qkv_bias)
-        dx, d_ln_w, d_ln_b, db_o = norm_backward(
-            x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2, residual_sum=need[6] and ctx.has_o_bias
+        dh, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv.dtype, True, need[3],
+                                              need[4] and ctx.has_qkv_bias)
+        dx, d_ln_w, d_ln_b, db_o = _input_grad(ctx, x2, dh, ln_w, stats, dy2, need[6] and ctx.has_o_bias, do.dtype)
+        return (dx, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 5
+
+
+class _CrossAttentionBranch(torch.autograd.Function):
+    """`x + o_proj(attention(q_proj(LN(x)), kv_proj(x_in)))` (without the `x +` when `residual` is off) for latents
+    `x (batch, len, dim)` over an input `x_in (batch, kv_len, width)`, normalised without affine when the input norm
+    is there: its gamma/beta are folded into `kv_proj` here (`fold_affine`, fp32) and unfolded in backward."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w_q, b_q, w_kv, b_kv, cn_w, cn_b, w_o, b_o, x_in, key_bias, has_keys, eps, heads,
+                head_dim, dropout, residual, flash, copies):
+        batch, length, _ = x.shape
+        kv_len = x_in.shape[1]
+        x2, x_in2 = _rows(x), _rows(x_in)
+        w_q_c, b_q_c, w_o_c, b_o_c = copies
+        dtype = w_q_c.dtype
+        # The input norm's affine folded into kv_proj, in fp32, written in the compute dtype.
+        w_kv_c, b_kv_c = cast_tensors(dtype, w_kv, b_kv) if cn_w is None else fold_affine(w_kv, b_kv, cn_w, cn_b, dtype)
+        h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
+        q_rows = _linear(h, w_q_c, b_q_c)
+        kv = _linear(x_in2, w_kv_c, b_kv_c)
+        q = q_rows.view(batch, length, heads, head_dim).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in kv.view(batch, kv_len, 2, heads, head_dim).unbind(2))
+        scale = head_dim**-0.5
+        out, lse, aux = _attention_forward(q, k, v, scale, dropout, key_bias, flash)
+        a = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        if has_keys is not None:  # a sample without any valid key gets no attention output
+            a = torch.where(has_keys.view(-1, 1, 1), a, 0.0)
+        a = a.view(batch * length, -1)
+        y = _residual_add(x2, a, w_o_c, b_o) if residual else _linear(a, w_o_c, b_o_c).to(x.dtype)
+        ctx.save_for_backward(x2, ln_w, stats, h, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c, key_bias,
+                              has_keys, cn_w, cn_b, w_kv, w_q, w_o)
+        ctx.aux, ctx.scale, ctx.dropout, ctx.residual = aux, scale, dropout, residual
+        ctx.shape, ctx.in_shape, ctx.heads = x.shape, x_in.shape, heads
+        ctx.has_ln_bias, ctx.has_q_bias, ctx.has_kv_bias, ctx.has_o_bias = (
+            ln_b is not None, b_q is not None, b_kv_c is not None, b_o is not None
         )
-        return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 5
+        ctx.kv_proj_bias = b_kv is not None
+        ctx.hand_on = _takes_branch_output(x)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2, ln_w, stats, h, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c, key_bias, has_keys, cn_w, cn_b,
+         w_kv, w_q, w_o) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        batch, length, _ = ctx.shape
+        kv_len, heads = ctx.in_shape[1], ctx.heads
+        head_dim = out.shape[3]
+        dy2 = _rows(dy)
+        do = _half_grad(dy, dy2, w_o_c.dtype)
+        # With the residual, o_proj's bias gradient (the row sum of `dy`) comes out of the LayerNorm backward below.
+        sum_in_norm = ctx.residual and need[10] and ctx.has_o_bias
+        da, dw_o, db_o = _linear_backward(do, a, w_o_c, w_o.dtype, True, need[9],
+                                          need[10] and ctx.has_o_bias and not sum_in_norm)
+        if has_keys is not None:
+            da = torch.where(has_keys.view(-1, 1, 1), da.view(batch, length, -1), 0.0)
+        dout = _like_output(da.view(batch, length, heads, head_dim).transpose(1, 2), out)
+        q = q_rows.view(batch, length, heads, head_dim).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in kv.view(batch, kv_len, 2, heads, head_dim).unbind(2))
+        dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale, ctx.dropout, key_bias)[:3]
+        dq_rows = dq.transpose(1, 2).reshape(batch * length, heads * head_dim)
+        dkv = torch.stack([dk.transpose(1, 2), dv.transpose(1, 2)], dim=2).view(batch * kv_len, -1)
+        # The folded projection's gradients in fp32, then through the fold to kv_proj and the input norm.
+        fold_grads = any(need[5:9])
+        d_in, dw_kv_f, db_kv_f = _linear_backward(dkv, x_in2, w_kv_c, torch.float32, need[11], fold_grads,
+                                                  fold_grads and ctx.has_kv_bias)
+        d_cn_w = d_cn_b = None
+        dw_kv = dw_kv_f
+        if fold_grads and cn_w is not None:
+            d_cn_w, d_cn_b, dw_kv = unfold_affine_grads(dw_kv_f, db_kv_f, w_kv, cn_w, cn_b)
+        # The fold adds to kv_proj's bias: its gradient is the folded bias's.
+        db_kv = db_kv_f if ctx.kv_proj_bias else None
+        dw_kv, db_kv = (None if g is None else g.to(w_kv.dtype) for g in (dw_kv, db_kv))
+        dh, dw_q, db_q = _linear_backward(dq_rows, h, w_q_c, w_q.dtype, True, need[3], need[4] and ctx.has_q_bias)
+        dx, d_ln_w, d_ln_b, db_o_sum = _input_grad(
+            ctx, x2, dh, ln_w, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype
+        )
+        if sum_in_norm:
+            db_o = db_o_sum
+        d_in = None if d_in is None else d_in.view(ctx.in_shape)
+        return (dx, d_ln_w, d_ln_b, dw_q, db_q, dw_kv, db_kv, d_cn_w, d_cn_b, dw_o, db_o, d_in) + (None,) * 9
 
 
 class _MLPBranch(torch.autograd.Function):
@@ -218,11 +423,11 @@ class _MLPBranch(torch.autograd.Function):
         h, stats = norm_forward(x2, ln_w, ln_b, eps, w1_c.dtype)
         pre = _linear(h, w1_c, b1_c)
         act = activation_forward(pre, gate)
-        o = _linear(act, w2_c, b2_c)
-        y = torch.add(x2, o) if residual else o.to(x.dtype)
+        y = _residual_add(x2, act, w2_c, b2) if residual else _linear(act, w2_c, b2_c).to(x.dtype)
         # Not `act`: the activation's backward kernel writes it again (the MLP's widest activation, not kept).
         ctx.save_for_backward(x2, ln_w, stats, h, w1_c, pre, w2_c, w1, w2)
         ctx.gate, ctx.residual, ctx.shape = gate, residual, x.shape
+        ctx.hand_on = _takes_branch_output(x)
         ctx.has_ln_bias, ctx.has_b1, ctx.has_b2 = ln_b is not None, b1 is not None, b2 is not None
         return y.view(x.shape)
 
@@ -231,19 +436,23 @@ class _MLPBranch(torch.autograd.Function):
         x2, ln_w, stats, h, w1_c, pre, w2_c, w1, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _rows(dy)
-        do = dy2.to(w2_c.dtype)
+        do = _half_grad(dy, dy2, w2_c.dtype)
         d_act = torch.mm(do, w2_c)
         d_pre, act = activation_backward(d_act, pre, ctx.gate, recompute_output=need[5])
         # With the residual, fc2's bias gradient (the row sum of `dy`) comes out of the LayerNorm backward below.
         sum_in_norm = ctx.residual and need[6] and ctx.has_b2
-        _, dw2, db2 = _linear_backward(do, act, w2_c, w2, False, need[5], need[6] and ctx.has_b2 and not sum_in_norm)
-        dh, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1, True, need[3], need[4] and ctx.has_b1)
-        dx, d_ln_w, d_ln_b, db2_sum = norm_backward(
-            x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2 if ctx.residual else None, residual_sum=sum_in_norm
+        _, dw2, db2 = _linear_backward(do, act, w2_c, w2.dtype, False, need[5],
+                                       need[6] and ctx.has_b2 and not sum_in_norm)
+        dh, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1.dtype, True, need[3], need[4] and ctx.has_b1)
+        dx, d_ln_w, d_ln_b, db2_sum = _input_grad(
+            ctx, x2, dh, ln_w, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype
         )
         if sum_in_norm:
             db2 = db2_sum
-        return (dx.view(ctx.shape), d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4
+        return (dx, d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4
+
+
+_BRANCH_BACKWARDS = frozenset(f._backward_cls for f in (_SelfAttentionBranch, _CrossAttentionBranch, _MLPBranch))
 
 
 # The branches' weights in the compute dtype are converted here, outside the autograd nodes (whose forward runs
@@ -261,6 +470,26 @@ def self_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, dtype:
     )
 
 
+def cross_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, context: CrossInput,
+                           context_norm: nn.LayerNorm | None, dtype: torch.dtype, residual: bool) -> Tensor:
+    """`x + attn(norm(x), context)` (`attn(...)` alone without `residual`) for a [`PerceiverCrossAttention`] that
+    [`cross_attention_fits`] over a `context` that [`cross_input_fits`]."""
+    x_in = context.materialize() if context_norm is None else context.normalized(context_norm.eps)
+    if x_in.dtype != dtype:
+        x_in = x_in.to(dtype)
+    mask = context.mask
+    batch, length = x.shape[:2]
+    flash = mask is None and flash_beats_cudnn(batch, attn.num_heads, length, x_in.shape[1])
+    q, kv, o = attn.q_proj, attn.kv_proj, attn.o_proj
+    cn_w, cn_b = (None, None) if context_norm is None else (context_norm.weight, context_norm.bias)
+    return _CrossAttentionBranch.apply(
+        x, norm.weight, norm.bias, q.weight, q.bias, kv.weight, kv.bias, cn_w, cn_b, o.weight, o.bias, x_in,
+        None if mask is None else mask.key_bias(dtype), None if mask is None else mask.has_keys, norm.eps,
+        attn.num_heads, attn.head_dim, attn.spec.dropout if attn.training else 0.0, residual, flash,
+        tuple(shared_copies(dtype, q.weight, q.bias, o.weight, o.bias)),
+    )
+
+
 def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype, residual: bool) -> Tensor:
     """`x + mlp(norm(x))` (`mlp(norm(x))` without `residual`) for a [`PerceiverMLP`] that [`mlp_fits`]."""
     gate = mlp.gate_activation_name if mlp.gated else None
@@ -271,4 +500,7 @@ def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype
     )
 
 
-__all__ = ["fused_dtype", "mlp_branch", "mlp_fits", "self_attention_branch", "self_attention_fits"]
+__all__ = [
+    "cross_attention_branch", "cross_attention_fits", "cross_input_fits", "fused_dtype", "mlp_branch", "mlp_fits",
+    "self_attention_branch", "self_attention_fits",
+]

@@ -30,7 +30,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the PyTorch path below
-    triton = None
+    triton = tl = None
 
 MAX_FUSED_WIDTH = 8192
 # A block norm ([`FusedLayerNorm`]) over fewer elements stays PyTorch's op. The Triton path is an autograd node
@@ -84,14 +84,14 @@ def _tile(width: int) -> tuple[int, int, int]:
 
 @lru_cache(maxsize=None)
 def _backward_tile(width: int) -> tuple[int, int, int, int]:
-    """(rows per tile, padded width, warps, programs per SM) of the backward, whose programs loop over row tiles.
-    For widths of 256 to 1024, tiles of about 8192 elements on two programs per SM, from a sweep of tile rows, warps
-    and programs per SM (README, "LayerNorm kernels for the block norms"); other widths keep the forward's tiles on
-    four programs per SM."""
-    rows, block, warps = _tile(width)
-    if 256 <= block <= 1024:
-        return max(1, min(32, 8192 // block)), block, 4, 2
-    return rows, block, warps, 4
+    """(rows per tile, padded width, warps, programs per SM) of the backward, whose programs loop over row tiles and
+    keep their gamma/beta partial sums as whole tiles until the end: tiles of about 4096 elements, four warps (eight
+    past that), two programs per SM for widths of 256 and more, from a sweep of tile rows, warps and programs per SM
+    on an H200 (widths 256 and 1024; README, "LayerNorm kernels for the block norms")."""
+    block = triton.next_power_of_2(width)
+    rows = max(1, min(16, 4096 // block))
+    warps = 4 if block * rows <= 4096 else 8
+    return rows, block, warps, 2 if block >= 256 else 4
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -121,13 +121,14 @@ def norm_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 
 def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, has_bias: bool,
-                  residual_grad: Tensor | None = None,
-                  residual_sum: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+                  residual_grad: Tensor | None = None, residual_sum: bool = False,
+                  dx_copy: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of [`norm_forward`] from `dy (rows, width)`: `(dx, d_weight, d_bias, residual column sum)`, in
     fp32 for the affine, `dx` in `x2`'s dtype. `residual_grad`, when given, is added to `dx` in the same kernel (a
     residual branch's gradient meeting the normalised one); with `residual_sum` its fp32 sum over the rows comes
     out of the same kernel and reduction as the affine's (the bias gradient of the projection whose output joined
-    the residual stream: the sum of the same gradient), else the last item is None."""
+    the residual stream: the sum of the same gradient), else the last item is None. `dx_copy`, a `(rows, width)`
+    tensor of another dtype, receives `dx` in that dtype from the same kernel."""
     rows, width = x2.shape
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
@@ -141,10 +142,10 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
         residual_grad = residual_grad.contiguous()
     _layer_norm_backward[(programs,)](
         x2, dy, dx, weight if weight is not None else x2, stats, partial,
-        residual_grad if residual_grad is not None else dx,
+        residual_grad if residual_grad is not None else dx, dx_copy if dx_copy is not None else dx,
         rows, width, x2.stride(0), dy.stride(0), residual_grad.stride(0) if residual_grad is not None else 0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_grad is not None,
-        RESIDUAL_SUM=residual_sum, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+        RESIDUAL_SUM=residual_sum, HAS_COPY=dx_copy is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
     if not want_sums:
         return dx, None, None, None
@@ -195,6 +196,42 @@ def column_sum(x2: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
         ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
     return out
+
+
+_FOLD_TILE = (32, 64, 4)  # rows per iteration, columns per iteration / per program, warps
+
+
+def fold_affine(weight: Tensor, bias: Tensor | None, norm_weight: Tensor, norm_bias: Tensor,
+                out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A LayerNorm's affine folded into the Linear after it, `(weight * norm_weight, bias + weight @ norm_bias)`
+    (cross_attention.fold_norm_affine), computed in fp32 and written in `out_dtype` by one kernel (CUDA, Triton)."""
+    weight = weight.contiguous()
+    rows, cols = weight.shape
+    tile_rows, block, warps = _FOLD_TILE
+    folded = torch.empty((rows, cols), dtype=out_dtype, device=weight.device)
+    folded_bias = torch.empty(rows, dtype=out_dtype, device=weight.device)
+    _fold_affine[(triton.cdiv(rows, tile_rows),)](
+        weight, bias if bias is not None else weight, norm_weight, norm_bias, folded, folded_bias, rows, cols,
+        HAS_BIAS=bias is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+    )
+    return folded, folded_bias
+
+
+def unfold_affine_grads(d_folded: Tensor, d_folded_bias: Tensor, weight: Tensor, norm_weight: Tensor,
+                        norm_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of [`fold_affine`]'s inputs from those of its outputs (fp32): `(d_norm_weight, d_norm_bias,
+    d_weight)` in their parameters' dtypes, by one kernel; the Linear's bias gradient is `d_folded_bias` itself."""
+    weight = weight.contiguous()
+    rows, cols = weight.shape
+    tile_rows, block, warps = _FOLD_TILE
+    d_weight = torch.empty_like(weight)
+    d_norm_weight = torch.empty_like(norm_weight)
+    d_norm_bias = torch.empty_like(norm_bias)
+    _unfold_affine[(triton.cdiv(cols, block),)](
+        d_folded.contiguous(), d_folded_bias, weight, norm_weight, norm_bias, d_weight, d_norm_weight, d_norm_bias,
+        rows, cols, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+    )
+    return d_norm_weight, d_norm_bias, d_weight
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -268,9 +305,9 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm_backward(
-        X, DY, DX, W, Stats, Partial, DRes, rows, width, stride_x, stride_dy, stride_res,
+        X, DY, DX, W, Stats, Partial, DRes, DXCopy, rows, width, stride_x, stride_dy, stride_res,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_SUM: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_COPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ):
         program = tl.program_id(0)
         programs = tl.num_programs(0)
@@ -278,9 +315,11 @@ if triton is not None:
         col_ok = col < width
         if HAS_WEIGHT:
             w = tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)
-        grad_w = tl.zeros([BLOCK], dtype=tl.float32)
-        grad_b = tl.zeros([BLOCK], dtype=tl.float32)
-        grad_r = tl.zeros([BLOCK], dtype=tl.float32)
+        # Partial sums kept as whole tiles and reduced over rows once, at the end: a reduction across the rows of a
+        # tile (across warps) in every iteration held the kernel to a fraction of the memory bandwidth.
+        grad_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        grad_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        grad_r = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for start in range(program * ROWS, rows, programs * ROWS):
             row = start + tl.arange(0, ROWS)
             row_ok = row < rows
@@ -299,18 +338,20 @@ if triton is not None:
                 d_res = tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0).to(tl.float32)
                 dx += d_res
                 if RESIDUAL_SUM:
-                    grad_r += tl.sum(d_res, axis=0)
+                    grad_r += d_res
             tl.store(DX + row64 * width + col[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            if HAS_COPY:
+                tl.store(DXCopy + row64 * width + col[None, :], dx.to(DXCopy.dtype.element_ty), mask=ok)
             if HAS_WEIGHT:
-                grad_w += tl.sum(dy * x_hat, axis=0)
+                grad_w += dy * x_hat
             if HAS_BIAS:
-                grad_b += tl.sum(dy, axis=0)
+                grad_b += dy
         if HAS_WEIGHT:
-            tl.store(Partial + program * width + col, grad_w, mask=col_ok)
+            tl.store(Partial + program * width + col, tl.sum(grad_w, axis=0), mask=col_ok)
         if HAS_BIAS:
-            tl.store(Partial + (programs + program) * width + col, grad_b, mask=col_ok)
+            tl.store(Partial + (programs + program) * width + col, tl.sum(grad_b, axis=0), mask=col_ok)
         if RESIDUAL_SUM:
-            tl.store(Partial + (2 * programs + program) * width + col, grad_r, mask=col_ok)
+            tl.store(Partial + (2 * programs + program) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
 
     @triton.jit
     def _column_sum(X, Out, Partial, Counters, rows, cols, stride, span, splits,
@@ -338,8 +379,50 @@ if triton is not None:
             tl.store(Out + col, tl.sum(total, axis=0).to(Out.dtype.element_ty), mask=col_ok)
             tl.atomic_xchg(Counters + block, 0)
 
+    @triton.jit
+    def _fold_affine(W, B, G, Beta, WF, BF, rows, cols, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = row < rows
+        acc = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, cols, BLOCK):
+            col = start + tl.arange(0, BLOCK)
+            col_ok = col < cols
+            ok = row_ok[:, None] & col_ok[None, :]
+            offsets = row[:, None].to(tl.int64) * cols + col[None, :]
+            w = tl.load(W + offsets, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(G + col, mask=col_ok, other=0.0).to(tl.float32)
+            beta = tl.load(Beta + col, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(WF + offsets, (w * g[None, :]).to(WF.dtype.element_ty), mask=ok)
+            acc += tl.sum(w * beta[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(B + row, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(BF + row, acc.to(BF.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _unfold_affine(DWF, DBF, W, G, Beta, DW, DG, DBeta, rows, cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        col_ok = col < cols
+        g = tl.load(G + col, mask=col_ok, other=0.0).to(tl.float32)
+        beta = tl.load(Beta + col, mask=col_ok, other=0.0).to(tl.float32)
+        acc_g = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        acc_beta = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for start in range(0, rows, ROWS):
+            row = start + tl.arange(0, ROWS)
+            row_ok = row < rows
+            ok = row_ok[:, None] & col_ok[None, :]
+            offsets = row[:, None].to(tl.int64) * cols + col[None, :]
+            dwf = tl.load(DWF + offsets, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(W + offsets, mask=ok, other=0.0).to(tl.float32)
+            dbf = tl.load(DBF + row, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(DW + offsets, (dwf * g[None, :] + dbf[:, None] * beta[None, :]).to(DW.dtype.element_ty), mask=ok)
+            acc_g += dwf * w
+            acc_beta += w * dbf[:, None]
+        tl.store(DG + col, tl.sum(acc_g, axis=0).to(DG.dtype.element_ty), mask=col_ok)
+        tl.store(DBeta + col, tl.sum(acc_beta, axis=0).to(DBeta.dtype.element_ty), mask=col_ok)
+
 
 __all__ = [
-    "BLOCK_NORM_MIN_ELEMENTS", "FusedLayerNorm", "column_sum", "fused_layer_norm_fits", "layer_norm", "norm_backward",
-    "norm_forward",
+    "BLOCK_NORM_MIN_ELEMENTS", "FusedLayerNorm", "column_sum", "fold_affine", "fused_layer_norm_fits", "layer_norm",
+    "norm_backward", "norm_forward", "unfold_affine_grads",
 ]

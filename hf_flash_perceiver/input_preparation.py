@@ -116,9 +116,11 @@ def _prepare_one(i: int, x, mask, width: int, dtype: torch.dtype) -> CrossInput:
         return CrossInput(x, key_mask, shard=shard)
     if mask is None:
         return CrossInput(x)
-    # Eager mode only (a data-dependent branch would break a compiled graph): an all-True mask is no mask, and
-    # dropping it keeps the unmasked fast path.
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    # An all-True mask is no mask, and dropping it keeps the unmasked fast path; but only a mask in host memory is
+    # checked. On an accelerator the check would wait for the device to finish all queued work, every step, and leave
+    # it idle while the host then issues the step (the masked kernels compute the same result). Eager mode only: a
+    # data-dependent branch would break a compiled graph.
+    if not torch.compiler.is_compiling() and mask.device.type == "cpu" and bool(mask.all()):
         return CrossInput(x)
     # Padding content must not matter, whatever the kernel does with masked keys: zero it (NaN/Inf in padding
     # would otherwise leak through 0 * NaN in some kernels). NaN/Inf in attended tokens is *not* hidden.

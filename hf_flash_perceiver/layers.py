@@ -15,7 +15,16 @@ from .attention_backends import KeyPaddingMask, attention, is_wide_head
 from .configuration_perceiver import PerceiverConfig
 from .cross_attention import CrossInput, chunked_cross_attention, fold_norm_affine
 from .fused_activation import gated_activation
-from .fused_block import fused_dtype, mlp_branch, mlp_fits, self_attention_branch, self_attention_fits
+from .fused_block import (
+    cross_attention_branch,
+    cross_attention_fits,
+    cross_input_fits,
+    fused_dtype,
+    mlp_branch,
+    mlp_fits,
+    self_attention_branch,
+    self_attention_fits,
+)
 from .fused_norm import FusedLayerNorm
 from .weight_cast import cast_projections, converted, plain, project, unshared
 
@@ -415,14 +424,21 @@ class PerceiverBlock(GradientCheckpointingLayer):
         """Before any block runs: fill `context`'s shared input-norm cache for this cross-attention block."""
         self.attn.prepare(context, self.context_norm)
 
-    def _fused_paths(self, hidden_states: Tensor, cross: bool, kwargs: dict) -> tuple[torch.dtype | None, bool, bool]:
+    def _fused_paths(self, hidden_states: Tensor, context: CrossInput | None,
+                     kwargs: dict) -> tuple[torch.dtype | None, bool, bool]:
         # On CUDA in half precision each residual branch may run as one fused autograd node (fused_block.py):
-        # (its dtype or None, whether the attention branch does, whether the MLP branch does).
+        # (its dtype or None, whether the attention branch does, whether the MLP branch does). A cross-attention
+        # block asked without its input (`context` None) answers for the inputs that fit.
         fused = fused_dtype(hidden_states)
-        fuse_attn = (
-            not cross and fused is not None
-            and self_attention_fits(self.norm1, self.attn, kwargs.get("output_attentions"))
-        )
+        output_attentions = kwargs.get("output_attentions", False)
+        if fused is None:
+            fuse_attn = False
+        elif self.attn.spec.is_cross_attention:
+            fuse_attn = cross_attention_fits(self.norm1, self.attn, self.context_norm, output_attentions) and (
+                context is None or cross_input_fits(self.attn, context)
+            )
+        else:
+            fuse_attn = self_attention_fits(self.norm1, self.attn, output_attentions)
         return fused, fuse_attn, fused is not None and mlp_fits(self.norm2, self.mlp)
 
     def fused_weights(self, hidden_states: Tensor, **kwargs) -> list[Tensor]:
@@ -430,10 +446,10 @@ class PerceiverBlock(GradientCheckpointingLayer):
         converts for all its blocks at once (weight_cast.prefetch_copies)."""
         if self.gradient_checkpointing and self.training:
             return []
-        _, fuse_attn, fuse_mlp = self._fused_paths(hidden_states, self.attn.spec.is_cross_attention, kwargs)
-        linears = ([self.attn.qkv_proj, self.attn.o_proj] if fuse_attn else []) + (
-            [self.mlp.fc1, self.mlp.fc2] if fuse_mlp else []
-        )
+        _, fuse_attn, fuse_mlp = self._fused_paths(hidden_states, None, kwargs)
+        attn = self.attn
+        attn_linears = [attn.q_proj if attn.spec.is_cross_attention else attn.qkv_proj, attn.o_proj]
+        linears = (attn_linears if fuse_attn else []) + ([self.mlp.fc1, self.mlp.fc2] if fuse_mlp else [])
         return [t for m in linears for t in (m.weight, m.bias) if t is not None]
 
     def forward(
@@ -443,7 +459,7 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self-attention. Returns `(hidden_states, attention weights or None)`."""
         if isinstance(context, Tensor):
             context = CrossInput(context)
-        fused, fuse_attn, fuse_mlp = self._fused_paths(hidden_states, context is not None, kwargs)
+        fused, fuse_attn, fuse_mlp = self._fused_paths(hidden_states, context, kwargs)
         # What runs as modules converts its projection weights together (weight_cast.py); a block recomputed under
         # activation checkpointing does not, so that its forward and its recompute take the same path.
         linears = [] if fuse_attn else self.attn.projections()
@@ -452,10 +468,16 @@ class PerceiverBlock(GradientCheckpointingLayer):
         checkpointed = self.gradient_checkpointing and self.training
         if checkpointed:
             linears = []
-        computed = None if context is None or not linears else self.attn.input_projection(context, self.context_norm)
+        computed = None
+        if context is not None and linears and not fuse_attn:
+            computed = self.attn.input_projection(context, self.context_norm)
         with unshared() if checkpointed else nullcontext(), cast_projections(linears, hidden_states, computed):
-            if fuse_attn:
+            if fuse_attn and context is None:
                 hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
+            elif fuse_attn:
+                hidden_states, weights = cross_attention_branch(
+                    self.norm1, self.attn, hidden_states, context, self.context_norm, fused, self.attn_residual
+                ), None
             else:
                 if context is None:
                     attn_out, weights = self.attn(self.norm1(hidden_states), **kwargs)

@@ -537,6 +537,47 @@ def test_fused_branches_are_gpu_half_precision_only():
     assert not mlp_fits(block.norm2, block.mlp)
 
 
+def test_fused_cross_attention_fits_only_what_it_computes(monkeypatch):
+    """The cross-attention branch (fused_block.py) stands in for the module path only where it computes the same
+    function from the same weights: plain unhooked projections and norms, an input norm with both gamma and beta (or
+    none), no rotary, no chunked path, no attention maps; per input, no context-parallel shard, and a padding mask
+    only on `sdpa` through cuDNN (`varlen` packs the keys) with heads up to 128 wide."""
+    from hf_flash_perceiver import fused_block
+    from hf_flash_perceiver.attention_backends import KeyPaddingMask
+    from hf_flash_perceiver.cross_attention import CrossInput
+    from hf_flash_perceiver.fused_block import cross_attention_fits, cross_input_fits
+
+    def block_of(impl="sdpa", **kw):
+        return build(small_config(latent_dim=32, **kw), impl).encoder.cross_layers[0]
+
+    def fits(block, output_attentions=False):
+        return cross_attention_fits(block.norm1, block.attn, block.context_norm, output_attentions)
+
+    block = block_of()
+    assert fits(block) and not fits(block, output_attentions=True)
+    assert fits(block_of(cross_input_norm=False, cross_query_residual=False, cross_qkv_bias=True))
+    assert not fits(block_of(cross_rotary_emb_dim=8))
+    assert not fits(block_of(cross_attention_checkpointing=True))
+    assert not fits(block_of(cross_v_head_dim=16))  # one head width for queries/keys and values
+    handle = block.attn.kv_proj.register_forward_hook(lambda *args: None)
+    assert not fits(block)
+    handle.remove()
+    block.context_norm = torch.nn.LayerNorm(12, bias=False)  # gamma without beta: nothing to fold it as
+    assert not fits(block)
+
+    tokens = torch.randn(2, 5, 12)
+    mask = KeyPaddingMask.from_mask(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    assert cross_input_fits(block.attn, CrossInput(tokens))
+    monkeypatch.setattr(fused_block, "CUDNN_AVAILABLE", True)  # masked calls need cuDNN, which a CPU build lacks
+    assert cross_input_fits(block.attn, CrossInput(tokens, mask))
+    assert not cross_input_fits(block_of("varlen").attn, CrossInput(tokens, mask))
+    wide = block_of(cross_heads=1, cross_head_dim=160)
+    assert cross_input_fits(wide.attn, CrossInput(tokens)) and not cross_input_fits(wide.attn, CrossInput(tokens, mask))
+    monkeypatch.setattr(fused_block, "CUDNN_AVAILABLE", False)
+    assert not cross_input_fits(block.attn, CrossInput(tokens, mask))
+    assert not cross_input_fits(block.attn, CrossInput(tokens, shard=object()))
+
+
 def test_fused_branches_context_sets_and_restores():
     """`fused_branches(setting)` holds `fused_block.enabled` at the setting inside the block and restores the value
     before it afterwards, also when the block raises; anything but True, False or "auto" is refused."""

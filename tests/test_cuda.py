@@ -479,6 +479,74 @@ def test_norm_backward_sums_the_residual_gradient(affine):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, cols, bias", [(128, 128, False), (2304, 261, True), (7, 40, True)])
+def test_fold_affine_kernels_match_pytorch(rows, cols, bias):
+    """The fused cross-attention branch folds the input norm's affine into kv_proj by one kernel and unfolds the
+    gradients by one more: the same values as `fold_norm_affine` and autograd through it, in fp32 (to 1e-5 relative:
+    another summation order), the folded weights written in bf16 as the fp32 result rounded once."""
+    from hf_flash_perceiver.cross_attention import fold_norm_affine
+    from hf_flash_perceiver.fused_norm import fold_affine, unfold_affine_grads
+
+    torch.manual_seed(rows)
+    weight = torch.randn(rows, cols, device="cuda", requires_grad=True)
+    kv_bias = torch.randn(rows, device="cuda", requires_grad=True) if bias else None
+    gamma = (1 + 0.1 * torch.randn(cols, device="cuda")).requires_grad_()
+    beta = (0.1 * torch.randn(cols, device="cuda")).requires_grad_()
+    ref_w, ref_b = fold_norm_affine(gamma, beta, weight, kv_bias)
+    w32, b32 = fold_affine(weight.detach(), None if kv_bias is None else kv_bias.detach(), gamma.detach(),
+                           beta.detach(), torch.float32)
+    torch.testing.assert_close(w32, ref_w.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b32, ref_b.detach(), rtol=1e-5, atol=1e-5)
+    w16, b16 = fold_affine(weight.detach(), None if kv_bias is None else kv_bias.detach(), gamma.detach(),
+                           beta.detach(), torch.bfloat16)
+    assert w16.dtype == b16.dtype == torch.bfloat16
+    assert torch.equal(w16, w32.bfloat16())  # the product is exact in fp32 either way: rounded once
+    torch.testing.assert_close(b16.float(), b32, rtol=8e-3, atol=1e-5)  # one bf16 rounding of a sum
+    d_w, d_b = torch.randn_like(ref_w), torch.randn_like(ref_b)
+    wanted = [gamma, beta, weight] + ([kv_bias] if bias else [])
+    ref = torch.autograd.grad((ref_w, ref_b), wanted, (d_w, d_b))
+    d_gamma, d_beta, d_weight = unfold_affine_grads(d_w, d_b, weight.detach(), gamma.detach(), beta.detach())
+    for got, want in zip((d_gamma, d_beta, d_weight), ref):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(d_b, ref[3])  # kv_proj's bias gradient is the folded bias's, as the branch uses it
+
+
+@pytest.mark.usefixtures("fuse_every_branch")
+def test_fused_branches_hand_the_half_gradient_on(monkeypatch):
+    """Each fused branch whose input is another fused branch's output writes the input gradient in the compute dtype
+    too, from its LayerNorm backward kernel, and the branch below uses that copy instead of converting: in a step
+    only the branch that gets its gradient from outside the branches (the last) converts. The gradients are those
+    of converting everywhere (the same rounding of the same fp32 values; 1e-3 allows for nondeterministic attention
+    backward kernels)."""
+    from hf_flash_perceiver import encoder_graphs, fused_block
+
+    monkeypatch.setattr(encoder_graphs, "enabled", False)
+    cfg = small_config(latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
+                       input_dim=16, depth=2, self_per_cross_attn=2)
+    model = cuda_model(cfg, "sdpa").train()
+    x = torch.randn(2, 40, cfg.input_dim, device="cuda", requires_grad=True)
+    handed, converted = [], []
+    original = fused_block._half_grad
+
+    def recording(dy, dy2, dtype):
+        out = original(dy, dy2, dtype)
+        copy = getattr(dy, fused_block._HALF_COPY, None)
+        (handed if copy is not None and out is copy[0] else converted).append(dy.shape)
+        return out
+
+    monkeypatch.setattr(fused_block, "_half_grad", recording)
+    out, grads, x_grad = _fused_block_step(model, x)
+    branches = cfg.depth * (1 + cfg.self_per_cross_attn) * 2
+    assert len(converted) == 1 and len(handed) == branches - 1, (converted, handed)
+    monkeypatch.setattr(fused_block, "_takes_branch_output", lambda x: False)
+    ref_out, ref_grads, ref_x_grad = _fused_block_step(model, x)
+    assert len(converted) == 1 + branches
+    assert rel_err(x_grad, ref_x_grad) <= 1e-3
+    for name, ref in ref_grads.items():
+        assert rel_err(grads[name], ref) <= 1e-3, name
+
 @pytest.mark.parametrize("rows, cols, dtype", [(65536, 768, torch.bfloat16), (4099, 300, torch.float16),
                                                 (37, 1000, torch.float32), (1, 8, torch.bfloat16)])
 def test_column_sum_matches_torch_sum(rows, cols, dtype):
@@ -582,6 +650,9 @@ FUSED_BLOCK_CASES = [
     dict(mlp_gate_activation="sigmoid", latent_head_dim=32, latent_heads=4, self_per_cross_attn=2),
     # 160-wide heads (language-perceiver's): fused on Hopper and later, the module path elsewhere.
     dict(latent_head_dim=160, latent_heads=2, latent_qkv_bias=True),
+    # The cross-attention branch: biases on its projections, several heads, no input norm, no query residual.
+    dict(cross_qkv_bias=True, cross_heads=2, cross_head_dim=32),
+    dict(cross_input_norm=False, cross_query_residual=False, cross_heads=4, cross_head_dim=16),
 ]
 
 
@@ -592,11 +663,11 @@ def _kernel_count(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _fused_block_step(model, x, autocast=True, grad=True):
+def _fused_block_step(model, x, autocast=True, grad=True, mask=None):
     model.zero_grad(set_to_none=True)
     x.grad = None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
-        out = model(x).last_hidden_state
+        out = model(x, attention_mask=mask).last_hidden_state
     if grad:
         out.float().square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -628,7 +699,7 @@ def test_fused_block_matches_module_path(case):
     x = torch.randn(3, 70, cfg.input_dim, device="cuda", requires_grad=True)
     ops = _ops(lambda: _fused_block_step(model, x))
     wide = cfg.latent_head_dim > 128 and torch.cuda.get_device_capability()[0] < 9
-    assert {"_MLPBranch"} <= ops and ("_SelfAttentionBranch" in ops) != wide, ops
+    assert {"_MLPBranch", "_CrossAttentionBranch"} <= ops and ("_SelfAttentionBranch" in ops) != wide, ops
     out, grads, x_grad = _fused_block_step(model, x)
     # Values and input gradients against the fp32 module path (autocast off), with the bf16 tolerances; two bf16
     # paths can each be ~1e-2 off it in opposite directions.
@@ -656,6 +727,46 @@ def test_fused_block_matches_module_path(case):
 
 
 @pytest.mark.usefixtures("fuse_every_branch")
+@pytest.mark.parametrize("case", ["masked", "flash"])
+def test_fused_cross_attention_masks_and_flash(case, monkeypatch):
+    """The fused cross-attention branch with a padding mask (cuDNN with the mask's key bias; a sample whose mask is
+    all False gets no attention output, as on the module path) and on FlashAttention-2 (what it picks for a few query
+    tiles over a long input): as accurate as the module path against fp32, input gradients included."""
+    from hf_flash_perceiver import attention_backends, fused_block
+
+    if case == "masked" and not attention_backends.CUDNN_AVAILABLE:
+        pytest.skip("cuDNN attention unavailable")
+    if case == "flash":
+        monkeypatch.setattr(fused_block, "flash_beats_cudnn", lambda *a: True)
+    cfg = small_config(latent_dim=128, num_latents=48, cross_heads=2, cross_head_dim=64, latent_head_dim=64,
+                       latent_heads=2, input_dim=24, cross_qkv_bias=True)
+    model = cuda_model(cfg, "sdpa", seed=3).train()
+    x = torch.randn(4, 70, cfg.input_dim, device="cuda", requires_grad=True)
+    mask = None
+    if case == "masked":
+        mask = torch.arange(70, device="cuda")[None, :] < torch.tensor([70, 41, 5, 0], device="cuda")[:, None]
+    step = lambda **kw: _fused_block_step(model, x, mask=mask, **kw)  # noqa: E731
+    ops = _ops(step)
+    kernel = "aten::_scaled_dot_product_cudnn_attention" if case == "masked" else (
+        "aten::_scaled_dot_product_flash_attention")
+    assert {"_CrossAttentionBranch", kernel} <= ops, ops
+    out, grads, x_grad = step()
+    fp32_out, fp32_grads, fp32_x_grad = step(autocast=False)
+    fp32_grads = {n: g.clone() for n, g in fp32_grads.items()}
+    ref_out, ref_grads, ref_x_grad = _module_path(step)
+    assert rel_err(out, fp32_out) <= BF16_REL_TOL
+    # The sample without any valid key: its latents never saw the input, on either path (bf16 rounding apart).
+    if mask is not None:
+        assert rel_err(out[3], ref_out[3]) <= BF16_REL_TOL
+    assert rel_err(x_grad, fp32_x_grad) <= max(BF16_GRAD_REL_TOL, 2 * rel_err(ref_x_grad, fp32_x_grad))
+    if mask is not None:
+        assert x_grad[1, 41:].abs().max() == 0 and x_grad[3].abs().max() == 0  # padded tokens take no gradient
+    for name, ref in ref_grads.items():
+        module_err = rel_err(ref, fp32_grads[name])
+        assert rel_err(grads[name], fp32_grads[name]) <= max(BF16_GRAD_REL_TOL, 2 * module_err), (name, module_err)
+
+
+@pytest.mark.usefixtures("fuse_every_branch")
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 def test_fused_self_attention_dropout_matches_module_path(kernel, monkeypatch):
     """Attention dropout in training stays on the fused branch, in the attention kernel itself, as SDPA applies it on
@@ -664,7 +775,7 @@ def test_fused_self_attention_dropout_matches_module_path(kernel, monkeypatch):
     differ from the eval-mode ones and between seeds)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from hf_flash_perceiver import attention_backends, encoder_graphs
+    from hf_flash_perceiver import attention_backends, encoder_graphs, fused_block
 
     if kernel == "cudnn" and not attention_backends.CUDNN_AVAILABLE:
         pytest.skip("cuDNN attention unavailable")
@@ -672,8 +783,9 @@ def test_fused_self_attention_dropout_matches_module_path(kernel, monkeypatch):
     # The module path's SDPA must pick the kernel the fused branch calls directly.
     monkeypatch.setattr(attention_backends, "flash_beats_cudnn", lambda *a: kernel == "flash")
     backends = [SDPBackend.CUDNN_ATTENTION] if kernel == "cudnn" else [SDPBackend.FLASH_ATTENTION]
+    monkeypatch.setattr(fused_block, "flash_beats_cudnn", lambda *a: kernel == "flash")
     cfg = small_config(latent_dim=128, num_latents=64, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
-                       input_dim=24, latent_attn_dropout=0.3, cross_attn_dropout=0.0)
+                       input_dim=24, latent_attn_dropout=0.3, cross_attn_dropout=0.2)
     model = cuda_model(cfg, "sdpa", seed=1).train()
     x = torch.randn(3, 70, cfg.input_dim, device="cuda", requires_grad=True)
 
@@ -683,7 +795,7 @@ def test_fused_self_attention_dropout_matches_module_path(kernel, monkeypatch):
             return _fused_block_step(model, x)
 
     ops = _ops(lambda: step(0))
-    assert "_SelfAttentionBranch" in ops, ops
+    assert {"_SelfAttentionBranch", "_CrossAttentionBranch"} <= ops, ops
     out, grads, x_grad = step(0)
     ref_out, ref_grads, ref_x_grad = _module_path(lambda: step(0))
     # Both bf16 paths with one mask: within the bf16 tolerances of each other (a different mask is O(1) off).
@@ -722,8 +834,10 @@ def test_fused_branch_weights_converted_once_per_forward(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fused = {id(t) for layer in [*enc.cross_layers, *(l for ls in enc.self_layers for l in ls)]
                  for t in layer.fused_weights(latents)}
-        # Both branches of every self-attention block, the MLP of every cross-attention block, biases included.
-        assert len(fused) == 2 * cfg.depth * (1 + 2 * cfg.self_per_cross_attn) * 2
+        # Both branches of every block, biases included: per self-attention block qkv_proj, o_proj, fc1 and fc2 with
+        # their biases (8 tensors); per cross-attention block the same but q_proj's bias (7; its folded key/value
+        # projection is converted where it is folded).
+        assert len(fused) == cfg.depth * (7 + 8 * cfg.self_per_cross_attn)
         model(x).last_hidden_state.float().sum().backward()
     assert enc.self_layers[0][0].attn.qkv_proj.weight.grad is not None
     assert [set(call) for call in calls if set(call) & fused] == [fused]
@@ -802,3 +916,18 @@ def test_block_wise_weight_conversion_on_cuda(seed):
     for name, g in grads_on.items():
         assert g.dtype == torch.float32, name
         assert rel_err(g, grads_off[name]) < 2e-2 or g.norm() < 1e-6, name
+
+
+def test_all_true_cuda_mask_is_kept_without_a_host_sync():
+    """A mask on the GPU is not checked for being all True (the check would wait for the device every step): it
+    stays, and the masked kernels give the unmasked result (fp32, 1e-5: another kernel's summation order); a mask
+    in host memory is still dropped (tests/test_core.py::test_all_true_mask_is_dropped)."""
+    from hf_flash_perceiver.input_preparation import prepare_inputs
+
+    cfg = small_config()
+    model = cuda_model(cfg, "sdpa")
+    x = torch.randn(3, 9, cfg.input_dim, device="cuda")
+    ones = torch.ones(3, 9, dtype=torch.bool, device="cuda")
+    contexts = prepare_inputs(cfg, cfg.input_dims, x, ones, torch.float32)
+    assert all(c.mask is not None for c in contexts)
+    torch.testing.assert_close(model(x, ones).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-5)
