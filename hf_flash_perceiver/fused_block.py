@@ -298,7 +298,7 @@ class _SelfAttentionBranch(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dropout, copies):
         batch, length, _ = x.shape
         x2 = _rows(x)
-        w_qkv_c, b_qkv_c, w_o_c, b_o_c = copies
+        w_qkv_c, b_qkv_c, w_o_c, _ = copies  # o_proj's bias enters in fp32, with the residual add
         h, stats = norm_forward(x2, ln_w, ln_b, eps, w_qkv_c.dtype)
         qkv = _linear(h, w_qkv_c, b_qkv_c)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))

@@ -87,7 +87,7 @@ def _backward_tile(width: int) -> tuple[int, int, int, int]:
     """(rows per tile, padded width, warps, programs per SM) of the backward, whose programs loop over row tiles and
     keep their gamma/beta partial sums as whole tiles until the end: tiles of about 4096 elements, four warps (eight
     past that), two programs per SM for widths of 256 and more, from a sweep of tile rows, warps and programs per SM
-    on an H200 (widths 256 and 1024; README, "LayerNorm kernels for the block norms")."""
+    on an H200 (widths 256 and 1024; README, "The cross-attention as a fused branch")."""
     block = triton.next_power_of_2(width)
     rows = max(1, min(16, 4096 // block))
     warps = 4 if block * rows <= 4096 else 8
