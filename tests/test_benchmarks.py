@@ -360,6 +360,18 @@ def test_smoke_defaults_write_outside_the_results_and_leave_out_compilation(monk
     shutil.rmtree(written.parent)
 
 
+def test_host_profile_smoke(capsys):
+    host_profile = _load("host_profile")
+    medians = host_profile.main(["tree-a", "--smoke"])
+    out = capsys.readouterr().out
+    assert set(medians) == {f"{cfg} {n}x{b}" for cfg, n, b in host_profile.SMOKE_POINTS}
+    assert all(ms > 0 for ms in medians.values())
+    # Each point: its median under the tag, then the profile of the harness's step by function.
+    for point, ms in medians.items():
+        assert f"=== tree-a {point}: host median {ms:.2f} ms" in out
+    assert out.count("Ordered by: internal time") == len(medians) and "run_backward" in out
+
+
 def test_long_inputs_smoke(tmp_path):
     long_inputs = _load("long_inputs")
     payload = long_inputs.main(["--smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--iters", "1"])
