@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script, not a host)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
-        parser.error("a GPU is needed (or --smoke)")
+        parser.error("needs a CUDA GPU (or --smoke): torch sees none here")
     device = torch.device("cpu" if args.smoke else "cuda")
     configs, points = (R.SMOKE_CONFIGS, SMOKE_POINTS) if args.smoke else (R.CONFIGS, POINTS)
     medians = {}
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         R.synchronize(device)
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-        medians[f"{cfg} {n}x{b}"] = statistics.median(host)
-        print(f"=== {args.tag} {cfg} {n}x{b}: host median {medians[f'{cfg} {n}x{b}']:.2f} ms")
+        point = f"{cfg} {n}x{b}"
+        medians[point] = statistics.median(host)
+        print(f"=== {args.tag} {point}: host median {medians[point]:.2f} ms")
         print("\n".join(line[:150] for line in text.getvalue().splitlines()[:45]))
         del model, x
         if device.type == "cuda":

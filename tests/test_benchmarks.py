@@ -372,6 +372,15 @@ def test_host_profile_smoke(capsys):
     assert out.count("Ordered by: internal time") == len(medians) and "run_backward" in out
 
 
+def test_host_profile_without_a_gpu_names_the_smoke_mode(monkeypatch, capsys):
+    host_profile = _load("host_profile")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        host_profile.main(["tree-a"])
+    assert exit_info.value.code == 2
+    assert "needs a CUDA GPU (or --smoke): torch sees none here" in capsys.readouterr().err
+
+
 def test_long_inputs_smoke(tmp_path):
     long_inputs = _load("long_inputs")
     payload = long_inputs.main(["--smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--iters", "1"])
