@@ -127,12 +127,24 @@ def _hooks_allow_capture(module: nn.Module) -> bool:
 _PACKAGE = __name__.rpartition(".")[0]
 
 
+# Per module class: whether it is known to capture (`_known`) and its class-level `gradient_checkpointing` default.
+_TYPES: dict[type, tuple[bool, bool]] = {}
+
+
+def _type_info(kind: type) -> tuple[bool, bool]:
+    info = _TYPES.get(kind)
+    if info is None:
+        owner = kind.__module__
+        known = owner.startswith("torch.nn.") or owner.rpartition(".")[0] == _PACKAGE
+        info = _TYPES[kind] = (known, bool(getattr(kind, "gradient_checkpointing", False)))
+    return info
+
+
 def _known(module: nn.Module) -> bool:
     """A module of this package or of `torch.nn`: code whose ops are known to capture. Anything else (a PEFT
     wrapper, a user's replacement) runs eagerly: a capture that fails leaves CUDA's random-number state unusable for
     the rest of the process, so it is not attempted on unknown code."""
-    owner = type(module).__module__
-    return owner.startswith("torch.nn.") or owner.rpartition(".")[0] == _PACKAGE
+    return _type_info(type(module))[0]
 
 
 def _global_hooks() -> bool:
@@ -161,6 +173,29 @@ def _tensor_key(t: Tensor) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
 
 
+def _layout(encoder: nn.Module, on_cuda: bool = True) -> tuple | None:
+    """Each module's training flag (dropout follows it) and where each parameter lives, in `modules()` order; None
+    if a module cannot be captured (hooks, unknown code, checkpointing) or a parameter is off the GPU (on it, with
+    `on_cuda=False`)."""
+    layout = []
+    # Every call of the encoder pays for this walk: each test is made cheap where it passes (no call for hooks that
+    # are not there, no nn.Module `__getattr__` miss for a flag that is not set).
+    for module in encoder.modules():
+        known, checkpointing = _type_info(type(module))
+        checkpointing = module.__dict__.get("gradient_checkpointing", checkpointing)
+        hooked = (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                  or module._backward_pre_hooks)
+        if not known or (checkpointing and module.training) or (hooked and not _hooks_allow_capture(module)):
+            return None
+        layout.append(module.training)
+        for p in module._parameters.values():
+            if p is not None:
+                if p.is_cuda != on_cuda:
+                    return None
+                layout.append((p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad))
+    return tuple(layout)
+
+
 def signature(
     encoder: nn.Module, latents: Tensor, tensors: Sequence[Tensor], structure: tuple, attn_implementation: str
 ) -> tuple | None:
@@ -169,24 +204,15 @@ def signature(
     when the call cannot be captured."""
     if attn_implementation != "sdpa" or not latents.is_cuda or _global_hooks() or _interposed():
         return None
-    layout = []
-    for module in encoder.modules():
-        if not _hooks_allow_capture(module) or not _known(module):
-            return None
-        if getattr(module, "gradient_checkpointing", False) and module.training:
-            return None
-        layout.append(module.training)  # dropout follows each module's own flag
-        for p in module._parameters.values():
-            if p is not None:
-                if not p.is_cuda:
-                    return None
-                layout.append((p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad))
+    layout = _layout(encoder)
+    if layout is None:
+        return None
     autocast = torch.is_autocast_enabled("cuda")
     return (
         latents.device, encoder.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
         torch.get_autocast_dtype("cuda") if autocast else None,
         _switches(), fuse_branches,
-        _tensor_key(latents), tuple(_tensor_key(t) for t in tensors), structure, tuple(layout),
+        _tensor_key(latents), tuple(_tensor_key(t) for t in tensors), structure, layout,
     )
 
 

@@ -62,6 +62,30 @@ def test_known_modules_and_hooks():
     handle.remove()
 
 
+def test_layout_walks_every_module_once_and_refuses_what_cannot_be_captured():
+    model = build(small_config(), "sdpa", 0).train()
+    encoder = model.encoder
+    encoder.self_layers[1][0] = encoder.self_layers[0][0]  # one module reached twice: walked once, as `modules()` does
+    encoder.self_layers[0][0].eval()
+    want = []
+    for module in encoder.modules():
+        want.append(module.training)
+        want += [(p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad)
+                 for p in module._parameters.values() if p is not None]
+    assert encoder_graphs._layout(encoder, on_cuda=False) == tuple(want)
+    assert encoder_graphs._layout(encoder) is None  # parameters off the GPU
+    encoder.self_layers[0][0].gradient_checkpointing = True
+    assert encoder_graphs._layout(encoder, on_cuda=False) == tuple(want)  # checkpointing takes effect in training only
+    encoder.self_layers[0][0].train()
+    assert encoder_graphs._layout(encoder, on_cuda=False) is None
+    encoder.self_layers[0][0].gradient_checkpointing = False
+    handle = encoder.self_layers[-1][-1].register_forward_hook(lambda *args: None)
+    assert encoder_graphs._layout(encoder, on_cuda=False) is None
+    handle.remove()
+    encoder.self_layers[0][0].requires_grad_(False)
+    assert encoder_graphs._layout(encoder, on_cuda=False) != tuple(want)  # the parameters' flags are part of it
+
+
 def test_interposed_machinery_is_seen():
     assert not encoder_graphs._interposed()
     with FlopCounterMode(display=False):
