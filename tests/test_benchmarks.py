@@ -381,6 +381,44 @@ def test_host_profile_without_a_gpu_names_the_smoke_mode(monkeypatch, capsys):
     assert "needs a CUDA GPU (or --smoke): torch sees none here" in capsys.readouterr().err
 
 
+def test_memory_peak_replays_a_history_step_by_step():
+    memory_peak = _load("memory_peak")
+    mark = memory_peak.MARK_BYTES
+    ours = [{"filename": "/x/hf_flash_perceiver/layers.py", "line": 7, "name": "forward"}]
+
+    def alloc(addr, size, frames=()):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": list(frames)}
+
+    def free(addr, size):
+        return {"action": "free_completed", "addr": addr, "size": size}
+
+    trace = [
+        alloc(1, mark), free(1, mark),                       # step 0 begins
+        alloc(10, 4096, ours), alloc(11, 1024), free(10, 4096),
+        free(99, 2048),                                      # a block of the base (allocated before the history)
+        alloc(1, mark + 512), free(1, mark + 512),           # step 1 begins
+        alloc(12, 512, ours), free(12, 512),
+    ]
+    peaks = memory_peak.step_peaks(trace, base=10_000, steps=2)
+    assert [p.step for p in peaks] == [0, 1]
+    # Step 0 peaks with both of its blocks live on top of the base; the mark blocks never count.
+    assert peaks[0].total == 10_000 + 4096 + 1024 and set(peaks[0].live) == {10, 11}
+    # Step 1 starts from what step 0 left (base - 2048 freed + 1024 still live) and peaks with its one block.
+    assert peaks[1].total == 10_000 - 2048 + 1024 + 512 and set(peaks[1].live) == {11, 12}
+    grouped = memory_peak.by_frame(peaks[0].live.values())
+    assert grouped[0] == ("layers.py:7 forward", 4096, 1)
+    assert grouped[1][1:] == (1024, 1) and "no frame of this package" in grouped[1][0]
+
+
+def test_memory_peak_without_a_gpu_says_it_needs_one(monkeypatch, capsys):
+    memory_peak = _load("memory_peak")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        memory_peak.main([])
+    assert exit_info.value.code == 2
+    assert "needs a CUDA GPU: torch sees none here" in capsys.readouterr().err
+
+
 def test_long_inputs_smoke(tmp_path):
     long_inputs = _load("long_inputs")
     payload = long_inputs.main(["--smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--iters", "1"])
