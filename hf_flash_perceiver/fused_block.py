@@ -392,7 +392,9 @@ class _CrossAttentionBranch(torch.autograd.Function):
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale, ctx.dropout, key_bias)[:3]
         dq_rows = dq.transpose(1, 2).reshape(batch * length, heads * head_dim)
         dkv = torch.stack([dk.transpose(1, 2), dv.transpose(1, 2)], dim=2).view(batch * kv_len, -1)
-        del dq, dk, dv  # input-sized at long inputs: freed before the input's gradient is allocated beside `dkv`
+        # dk and dv are input-sized at long inputs: dropped once stacked, before the input's gradient is allocated
+        # beside `dkv` (dq lives on as `dq_rows`, a view of it).
+        del dq, dk, dv
         # The folded projection's gradients in fp32, then through the fold to kv_proj and the input norm.
         fold_grads = any(need[5:9])
         d_in, dw_kv_f, db_kv_f = _linear_backward(dkv, x_in2, w_kv_c, torch.float32, need[11], fold_grads,
