@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> list[StepPeak]:
     parser.add_argument("--no-encoder-graphs", action="store_true", help="every step eager (encoder_graphs off)")
     parser.add_argument("--top", type=int, default=25, help="frames listed")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU: torch sees none here (the allocator's history is CUDA's)")
     if args.steps < 1 or (args.step is not None and not 0 <= args.step < args.steps):
         parser.error(f"--steps must be >= 1 and --step in [0, --steps); got --steps {args.steps}, --step {args.step}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: torch sees none here (the allocator's history is CUDA's)")
     from hf_flash_perceiver import encoder_graphs
 
     encoder_graphs.enabled = not args.no_encoder_graphs

@@ -419,6 +419,16 @@ def test_memory_peak_without_a_gpu_says_it_needs_one(monkeypatch, capsys):
     assert "needs a CUDA GPU: torch sees none here" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, got", [(["--steps", "0"], "got --steps 0, --step None"),
+                                       (["--steps", "3", "--step", "3"], "got --steps 3, --step 3")])
+def test_memory_peak_refuses_a_step_it_will_not_record(argv, got, capsys):
+    memory_peak = _load("memory_peak")
+    with pytest.raises(SystemExit) as exit_info:
+        memory_peak.main(argv)
+    assert exit_info.value.code == 2
+    assert f"--steps must be >= 1 and --step in [0, --steps); {got}" in capsys.readouterr().err
+
+
 def test_long_inputs_smoke(tmp_path):
     long_inputs = _load("long_inputs")
     payload = long_inputs.main(["--smoke", "--device", "cpu", "--out-dir", str(tmp_path), "--iters", "1"])
