@@ -8,6 +8,7 @@ class through `from_pretrained` (the transformers-format conversion), so both ru
     python benchmarks/pretrained_shapes.py --autocast-casts   # also with autocast converting each weight (A/B)
     python benchmarks/pretrained_shapes.py --compile      # also both compiled: torch.compile, and this package
                                                           # compiled with CUDA graphs (mode="reduce-overhead")
+    python benchmarks/pretrained_shapes.py --profile language   # also a kernel profile of this package's step
 
 Shapes (transformers' defaults / the Hub configs): `vision-learned` = deepmind/vision-perceiver-learned (224x224
 pixels -> 50 176 inputs of width 512 through a 1x1 conv + learned positions, 512 latents x 1024, one cross-attention
@@ -39,7 +40,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run import RESULTS_DIR, card_name, slugify, step_stats, write_json  # noqa: E402
+from run import (  # noqa: E402
+    RESULTS_DIR,
+    card_name,
+    format_attribution,
+    launch_attribution,
+    profile_warmup,
+    slugify,
+    step_stats,
+    write_json,
+)
 
 
 GIB = 2**30
@@ -86,15 +96,19 @@ def batch_for(name: str, size: int, batch: int, config, device) -> tuple[dict, d
     return dict(input_ids=ids, labels=ids), dict(input_ids=ids, labels=ids)
 
 
+def train_step(model, kwargs: dict, device) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, torch.bfloat16):
+        loss = model(**kwargs).loss
+    loss.backward()
+
+
 def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
     use_cuda = device.type == "cuda"
     no_labels = {k: v for k, v in kwargs.items() if k != "labels"}
 
     def train():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16):
-            loss = model(**kwargs).loss
-        loss.backward()
+        train_step(model, kwargs, device)
 
     def infer():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
@@ -130,6 +144,31 @@ def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
     train_stats = {f"train_{k}": v for k, v in step_stats(train, device, iters).items()}
     model.eval()
     return {"train_ms": train_ms, "train_peak_gib": peak, **train_stats, "infer_ms": timed(infer)}
+
+
+def profile(model, kwargs: dict, device, path: Path, title: str) -> Path:
+    """Kernel-time breakdown of three training steps of `model` (after its capture and a replay) and every device
+    activity per step by the op that issued it, as run.py's `--profile` writes them."""
+    model.train()
+    for _ in range(profile_warmup()):
+        train_step(model, kwargs, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    steps = 3
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(model, kwargs, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    launches = format_attribution(launch_attribution(prof.events(), steps))
+    path.write_text(f"# {title}, {steps} training steps, sorted by {sort}\n\n{table}\n"
+                    f"\n# Device activities per step, by the op that issued them\n{launches}")
+    model.eval()
+    return path
 
 
 def add_ratios(record: dict) -> None:
@@ -176,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time both models under torch.compile ('transformers+compile', "
                              "'hf-flash-perceiver+compile') and this package's with CUDA graphs "
                              "('hf-flash-perceiver+compile-cudagraphs', mode='reduce-overhead')")
+    parser.add_argument("--profile", action="append", default=[], choices=("vision-learned", "language"),
+                        help="also write a kernel profile of this package's training step at this shape (repeatable): "
+                             "<out-dir>/<YYYY-MM-DD>-<card>-profile-pretrained-<shape>.txt")
     parser.add_argument("--skip", default="",
                         help="comma-separated records not to run (e.g. 'hf-flash-perceiver+compile' to save its "
                              "compilation time); ratios need the 'transformers' record")
@@ -228,6 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
                 with fused_branches(fused):
                     runner = model if mode is None else torch.compile(model, mode=mode)
                     record[impl] = measure(runner, kwargs, device, args.warmup, args.iters)
+                    if impl == "hf-flash-perceiver" and name in args.profile:
+                        stem = f"{datetime.date.today().isoformat()}-{slugify(card)}"
+                        written = profile(runner, kwargs, device, out_dir / f"{stem}-profile-pretrained-{name}.txt",
+                                          f"hf-flash-perceiver, pretrained shape {name}, batch {batch}")
+                        print(f"wrote {written}", flush=True)
             except Exception as exc:
                 if mode is None:
                     raise

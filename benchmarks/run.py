@@ -503,6 +503,14 @@ def format_attribution(rows: list[tuple[float, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_warmup() -> int:
+    """Training steps before a profile: the encoder's eager calls before its capture, the capturing call, and one
+    replay."""
+    from hf_flash_perceiver import encoder_graphs
+
+    return encoder_graphs.WARMUP_CALLS + 2
+
+
 def profile(ctx: Context, config: str, n: int, impl: str, stem: str) -> Path:
     """Kernel-time breakdown (top kernels by self device time) of a few training steps of one record, then every
     device activity per step by the op that issued it ([`launch_attribution`]), as text."""
@@ -510,7 +518,9 @@ def profile(ctx: Context, config: str, n: int, impl: str, stem: str) -> Path:
     batch = dict(spec.points)[n]
     model = IMPLS[impl].build(spec.shape, ctx.args).to(ctx.device)
     x, mask, _ = make_inputs(spec.shape, n, batch, spec.masked, ctx.device)
-    for _ in range(3 if IMPLS[impl].compile else 2):
+    # Past the encoder's eager calls and its capture (and a compiled model's recording), so that every profiled step
+    # is the step the timings measure: a replay where the encoder is captured.
+    for _ in range(profile_warmup()):
         train_step(model, x, mask)
     synchronize(ctx.device)
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -137,6 +137,16 @@ def test_profile_writes_a_kernel_table(smoke_run):
     assert "# Device activities per step, by the op that issued them\n(no device activities: a CPU run)" in text
 
 
+def test_profiled_steps_follow_the_encoder_capture(monkeypatch):
+    """A profile warms up past the encoder's eager calls and its capture, however many eager calls that takes, so
+    that the profiled steps are replays, the step the timings measure (not a mix of eager and replayed steps)."""
+    from hf_flash_perceiver import encoder_graphs
+
+    for calls in (2, 5):
+        monkeypatch.setattr(encoder_graphs, "WARMUP_CALLS", calls)
+        assert run.profile_warmup() == calls + 2
+
+
 def test_launch_attribution_counts_each_activity_under_its_issuing_op():
     """Each device activity counts once per step under the op that launched it, named with its parents."""
     from types import SimpleNamespace
@@ -462,7 +472,7 @@ def test_pretrained_shapes_smoke(tmp_path):
     # transformers' class and this package's, converted from it, side by side on tiny shapes: one JSON, both timed.
     pretrained = _load("pretrained_shapes")
     payload = pretrained.main(["--smoke", "--out-dir", str(tmp_path), "--iters", "1", "--warmup", "0",
-                               "--fused-branches"])
+                               "--fused-branches", "--profile", "language"])
     assert [r["shape"] for r in payload["records"]] == ["vision-learned", "language"]
     for record in payload["records"]:
         for impl in ("transformers", "hf-flash-perceiver", "hf-flash-perceiver+fused-branches"):
@@ -474,6 +484,11 @@ def test_pretrained_shapes_smoke(tmp_path):
             record["transformers"]["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
     (written,) = tmp_path.glob("*-cpu-pretrained-shapes-smoke.json")
     assert json.loads(written.read_text())["records"] == payload["records"]
+    # --profile: this package's training step at that shape only, as run.py's profiles (a table, then launches).
+    (profile,) = tmp_path.glob("*-cpu-profile-pretrained-*.txt")
+    text = profile.read_text()
+    assert profile.name.endswith("-profile-pretrained-language.txt") and "pretrained shape language" in text
+    assert "Self CPU" in text and "# Device activities per step" in text
 
 
 def test_pretrained_shapes_ratios_per_variant():
