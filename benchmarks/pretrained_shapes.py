@@ -43,9 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from run import (  # noqa: E402
     RESULTS_DIR,
     card_name,
-    format_attribution,
-    launch_attribution,
-    profile_warmup,
+    profile_steps,
     slugify,
     step_stats,
     write_json,
@@ -146,31 +144,6 @@ def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
     return {"train_ms": train_ms, "train_peak_gib": peak, **train_stats, "infer_ms": timed(infer)}
 
 
-def profile(model, kwargs: dict, device, path: Path, title: str) -> Path:
-    """Kernel-time breakdown of three training steps of `model` (after its capture and a replay) and every device
-    activity per step by the op that issued it, as run.py's `--profile` writes them."""
-    model.train()
-    for _ in range(profile_warmup()):
-        train_step(model, kwargs, device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    steps = 3
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            train_step(model, kwargs, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30)
-    launches = format_attribution(launch_attribution(prof.events(), steps))
-    path.write_text(f"# {title}, {steps} training steps, sorted by {sort}\n\n{table}\n"
-                    f"\n# Device activities per step, by the op that issued them\n{launches}")
-    model.eval()
-    return path
-
-
 def add_ratios(record: dict) -> None:
     """Each variant's training speedup over transformers' eager step (`<variant>_train_speedup`), and for this
     package's eager model the inference speedup and the peak-memory ratio as well."""
@@ -230,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="pretrained-")) if args.smoke
                                                        else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{datetime.date.today().isoformat()}-{slugify(card)}-pretrained-shapes{'-smoke' if args.smoke else ''}.json"
+    stem = f"{datetime.date.today().isoformat()}-{slugify(card)}"
+    path = out_dir / f"{stem}-pretrained-shapes{'-smoke' if args.smoke else ''}.json"
     payload = {"card": card, "torch": torch.__version__, "batch": batch, "records": []}
     import transformers
 
@@ -271,9 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
                     runner = model if mode is None else torch.compile(model, mode=mode)
                     record[impl] = measure(runner, kwargs, device, args.warmup, args.iters)
                     if impl == "hf-flash-perceiver" and name in args.profile:
-                        stem = f"{datetime.date.today().isoformat()}-{slugify(card)}"
-                        written = profile(runner, kwargs, device, out_dir / f"{stem}-profile-pretrained-{name}.txt",
-                                          f"hf-flash-perceiver, pretrained shape {name}, batch {batch}")
+                        runner.train()
+                        written = out_dir / f"{stem}-profile-pretrained-{name}.txt"
+                        written.write_text(profile_steps(lambda: train_step(runner, kwargs, device), device,
+                                                         f"hf-flash-perceiver, pretrained shape {name}, batch {batch}"))
                         print(f"wrote {written}", flush=True)
             except Exception as exc:
                 if mode is None:

@@ -511,36 +511,40 @@ def profile_warmup() -> int:
     return encoder_graphs.WARMUP_CALLS + 2
 
 
+def profile_steps(step: Callable[[], None], device: torch.device, title: str, note: str = "", steps: int = 3) -> str:
+    """`step` (a training step) profiled: past the encoder's eager calls and its capture (and a compiled model's
+    recording), so that every profiled step is the step the timings measure, a replay where the encoder is captured;
+    then `steps` steps under torch.profiler. Returns the text of a profile file: `title` and `note` (comment lines),
+    the top kernels by self device time, then every device activity per step by the op that issued it
+    ([`launch_attribution`])."""
+    for _ in range(profile_warmup()):
+        step()
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    launches = format_attribution(launch_attribution(prof.events(), steps))
+    return (f"# {title}, {steps} training steps, sorted by {sort}\n{note}\n{table}\n"
+            f"\n# Device activities per step, by the op that issued them\n{launches}")
+
+
 def profile(ctx: Context, config: str, n: int, impl: str, stem: str) -> Path:
-    """Kernel-time breakdown (top kernels by self device time) of a few training steps of one record, then every
-    device activity per step by the op that issued it ([`launch_attribution`]), as text."""
+    """[`profile_steps`] of one record's training step, written to `<stem>-profile-CONFIG-N-<variant>.txt`."""
     spec = ctx.configs[config]
     batch = dict(spec.points)[n]
     model = IMPLS[impl].build(spec.shape, ctx.args).to(ctx.device)
     x, mask, _ = make_inputs(spec.shape, n, batch, spec.masked, ctx.device)
-    # Past the encoder's eager calls and its capture (and a compiled model's recording), so that every profiled step
-    # is the step the timings measure: a replay where the encoder is captured.
-    for _ in range(profile_warmup()):
-        train_step(model, x, mask)
-    synchronize(ctx.device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if ctx.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    steps = 3
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            train_step(model, x, mask)
-        synchronize(ctx.device)
-    sort = "self_device_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    title = f"{impl}, config {config}{' (masked)' if spec.masked else ''}, n={n}, batch={batch}"
     suffix = impl.removeprefix(report.OURS).strip("+") or "sdpa"
     path = Path(ctx.args.out_dir) / f"{stem}-profile-{config}-{n}-{suffix}.txt"
-    header = (f"# {impl}, config {config}{' (masked)' if spec.masked else ''}, n={n}, batch={batch}, "
-              f"{steps} training steps, sorted by {sort}\n# shape: {spec.shape.as_dict()}\n\n")
-    launches = "\n# Device activities per step, by the op that issued them\n" + format_attribution(
-        launch_attribution(prof.events(), steps)
-    )
-    path.write_text(header + table + "\n" + launches)
+    path.write_text(profile_steps(lambda: train_step(model, x, mask), ctx.device, title,
+                                  f"# shape: {spec.shape.as_dict()}\n"))
     del model, x, mask
     free_memory(ctx.device, IMPLS[impl].compile)
     return path
