@@ -184,6 +184,12 @@ IMPLS: dict[str, ImplSpec] = {
         ("seed", "io", "masked"), lambda s, a: build_ours(s, "sdpa", compile=True, compile_mode="reduce-overhead"),
         compile=True,
     ),
+    # Inductor's max-autotune on top of CUDA graphs: each GEMM benchmarked against Triton templates that take
+    # pointwise epilogues (bias, residual adds). Minutes of autotuning per shape, so an A/B of its own.
+    "hf-flash-perceiver+compile-max-autotune": ImplSpec(
+        ("seed", "large"), lambda s, a: build_ours(s, "sdpa", compile=True, compile_mode="max-autotune"),
+        compile=True, ab=True,
+    ),
 }
 
 

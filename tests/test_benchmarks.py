@@ -357,8 +357,8 @@ def test_smoke_defaults_write_outside_the_results_and_leave_out_compilation(monk
     assert measured_jobs and not any(run.IMPLS[job.impl].compile for job in measured_jobs)
     # A/B variants of one package switch run only when named (each A/B is a scoped run of its own).
     assert not any(run.IMPLS[job.impl].ab for job in measured_jobs)
-    assert {"hf-flash-perceiver+torch-norm", "hf-flash-perceiver+torch-activation"} <= {
-        name for name, spec in run.IMPLS.items() if spec.ab}
+    assert {"hf-flash-perceiver+torch-norm", "hf-flash-perceiver+torch-activation",
+            "hf-flash-perceiver+compile-max-autotune"} <= {name for name, spec in run.IMPLS.items() if spec.ab}
     assert results["matmul_tflops"] is None
     # Named explicitly, a compiled variant still runs in a smoke run, and an explicit --out-dir is used as given.
     measured_jobs.clear()
