@@ -181,10 +181,16 @@ def column_sum(x2: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     partial; the last of a column block's programs to finish adds the partials up. Off CUDA or without Triton it is
     PyTorch's sum."""
     rows, cols = x2.shape
-    tile_rows, block, warps = _SUM_TILE
-    column_blocks = triton.cdiv(cols, block) if triton is not None else 0
+    column_blocks = triton.cdiv(cols, _SUM_TILE[1]) if triton is not None else 0
     if triton is None or not x2.is_cuda or x2.stride(-1) != 1 or rows == 0 or column_blocks > COUNTER_SLOTS:
         return x2.sum(0, dtype=out_dtype)
+    return _launch_column_sum(x2, out_dtype)
+
+
+def _launch_column_sum(x2: Tensor, out_dtype: torch.dtype) -> Tensor:
+    rows, cols = x2.shape
+    tile_rows, block, warps = _SUM_TILE
+    column_blocks = triton.cdiv(cols, block)
     # About four programs per SM in all, each over a span of whole row tiles.
     splits = max(1, _programs(x2.device, column_blocks * triton.cdiv(rows, tile_rows), 4) // column_blocks)
     span = triton.cdiv(triton.cdiv(rows, splits), tile_rows) * tile_rows

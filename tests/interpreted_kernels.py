@@ -1,0 +1,335 @@
+"""The package's Triton kernels and fused residual branches on CPU tensors, in Triton's interpreter.
+
+Run by tests/test_triton_interpreter.py in a subprocess with `TRITON_INTERPRET=1` (the interpreter is chosen when the
+kernels are defined, at import): `python tests/interpreted_kernels.py` prints one JSON object, each check's name
+mapped to `{"ok": bool, "detail": str}`. The GPU tests (tests/test_cuda.py) check the same code on CUDA, where the
+attention kernels are real; here the aten attention ops the branches call are replaced by a reference in fp32 with
+the same signatures, so that everything else in a branch (LayerNorm, projections, activation, residual adds, column
+sums, the input norm's fold, the half-precision gradient handed on) runs as on the GPU. What the interpreter cannot
+show: speed, and what depends on the GPU's memory model (the column sum's arrival counters run one program at a
+time here).
+
+Tolerances, relative Frobenius error against PyTorch in fp32 (fp64 for the reductions), with what was measured:
+kernels whose output is fp32 agree to fp32 rounding (1e-5); half-precision outputs within one ulp of their dtype
+(the interpreter's conversion may truncate where the GPU rounds to nearest: up to one ulp, not half); whole branches
+in bfloat16 against their fp32 reference within 2e-2 (worst measured 8.7e-3), as the GPU tests allow bf16 paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("run with TRITON_INTERPRET=1 (tests/test_triton_interpreter.py does)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hf_flash_perceiver.fused_norm as fused_norm  # noqa: E402
+from hf_flash_perceiver import PerceiverConfig, PerceiverModel  # noqa: E402
+from hf_flash_perceiver import fused_activation, fused_block  # noqa: E402
+from hf_flash_perceiver.attention_backends import KeyPaddingMask  # noqa: E402
+from hf_flash_perceiver.cross_attention import CrossInput, fold_norm_affine  # noqa: E402
+
+# Launch geometry reads the GPU's SM count and stream: a few programs here (each loops over several row tiles).
+fused_norm._programs = lambda device, tiles, per_sm: max(1, min(tiles, 3))
+_COUNTERS = torch.zeros(fused_norm.COUNTER_SLOTS, dtype=torch.int32)
+fused_norm._counters = lambda device: _COUNTERS
+
+# CPU matmuls do not take `out_dtype`: the branches' weight gradients ask for fp32 results of half-precision inputs.
+_mm = torch.mm
+
+
+def _mm_out_dtype(a, b, *, out_dtype=None):
+    return _mm(a, b) if out_dtype is None else _mm(a.float(), b.float()).to(out_dtype)
+
+
+torch.mm = _mm_out_dtype
+
+FP32_TOL = 1e-5
+BRANCH_TOL = 2e-2
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def ulp_close(got, want, dtype) -> bool:
+    """Within one ulp of `dtype` at each element's magnitude (plus a floor for values near zero)."""
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny * 2**10)
+    return bool(((got.double() - want.double()).abs() <= ulp.double() * 1.01 + 1e-6).all())
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+# Reference attention ops with the signatures of the aten ops the branches call; layout (batch, heads, seq, dim).
+
+
+def _attend(q, k, v, bias, scale):
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.float()
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()), lse
+
+
+def _attend_grads(dout, q, k, v, bias, scale):
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().float().requires_grad_() for t in (q, k, v))
+        out, _ = _attend(qq, kk, vv, bias, scale)
+        return [g.to(q.dtype) for g in torch.autograd.grad(out, (qq, kk, vv), dout.float())]
+
+
+def _flash_forward(q, k, v, dropout, causal, debug, scale=None):
+    out, lse = _attend(q, k, v, None, scale)
+    empty = torch.empty(0)
+    return out.to(q.dtype), lse, empty, empty, q.shape[2], k.shape[2], empty, empty, empty
+
+
+def _flash_backward(dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout, causal, seed, offset, scale=None):
+    return tuple(_attend_grads(dout, q, k, v, None, scale))
+
+
+def _cudnn_forward(q, k, v, bias, compute_lse, dropout, causal, debug, scale=None):
+    out, lse = _attend(q, k, v, bias, scale)
+    empty = torch.empty(0)
+    return out.to(q.dtype), lse[..., None], empty, empty, q.shape[2], k.shape[2], empty, empty, empty
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout, causal,
+                    scale=None):
+    return tuple(_attend_grads(dout, q, k, v, bias, scale))
+
+
+torch.ops.aten._scaled_dot_product_flash_attention = _flash_forward
+torch.ops.aten._scaled_dot_product_flash_attention_backward = _flash_backward
+torch.ops.aten._scaled_dot_product_cudnn_attention = _cudnn_forward
+torch.ops.aten._scaled_dot_product_cudnn_attention_backward = _cudnn_backward
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+def check_layer_norm() -> str:
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for rows, width, affine, out_dtype in [(70, 48, True, torch.float32), (33, 256, True, torch.float32),
+                                           (19, 96, False, torch.float32), (41, 160, True, torch.bfloat16)]:
+        x = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+        w = torch.randn(width, generator=gen, dtype=torch.float64) if affine else None
+        b = torch.randn(width, generator=gen, dtype=torch.float64) if affine else None
+        weight, bias = (None if p is None else p.float() for p in (w, b))
+        y, stats = fused_norm.norm_forward(x.float(), weight, bias, 1e-5, out_dtype)
+        xr = x.clone().requires_grad_()
+        params = [p.clone().requires_grad_() for p in (w, b)] if affine else [None, None]
+        ref = F.layer_norm(xr, (width,), *params, 1e-5)
+        if out_dtype == torch.float32:
+            worst = max(worst, rel(y, ref))
+            assert rel(y, ref) <= FP32_TOL, ("forward", rows, width, rel(y, ref))
+        else:
+            assert ulp_close(y.float(), ref.detach().float(), out_dtype), ("forward", rows, width)
+        dy = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+        res = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+        copy = torch.empty(rows, width, dtype=torch.bfloat16)
+        dx, dw, db, dres = fused_norm.norm_backward(
+            x.float(), dy.float(), weight, stats, affine, residual_grad=res.float(),
+            residual_sum=True, dx_copy=copy,
+        )
+        want = torch.autograd.grad(ref, [xr] + [p for p in params if p is not None], dy)
+        for got, ref_grad, name in zip([dx, dw, db], [want[0] + res, *want[1:]], ["dx", "dw", "db"]):
+            if got is not None:
+                worst = max(worst, rel(got, ref_grad))
+                assert rel(got, ref_grad) <= FP32_TOL, (name, rows, width, rel(got, ref_grad))
+        assert rel(dres, res.sum(0)) <= FP32_TOL, ("residual sum", rel(dres, res.sum(0)))
+        assert ulp_close(copy.float(), dx, torch.bfloat16), "dx copy"
+    return f"worst {worst:.1e}"
+
+
+def check_column_sum() -> str:
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for rows, cols, dtype in [(1000, 300, torch.bfloat16), (37, 129, torch.float32), (1, 8, torch.float16),
+                              (4099, 256, torch.bfloat16)]:
+        x = torch.randn(rows, cols + 16, generator=gen).to(dtype)[:, 8:cols + 8]  # a row stride past the width
+        got = fused_norm._launch_column_sum(x, torch.float32)
+        want = x.double().sum(0)
+        worst = max(worst, rel(got, want))
+        assert rel(got, want) <= FP32_TOL, (rows, cols, rel(got, want))
+        assert not _COUNTERS.any(), "a launch left its arrival counters set"
+    return f"worst {worst:.1e}"
+
+
+def check_activation() -> str:
+    gen = torch.Generator().manual_seed(2)
+    for gate in (None, "gelu", "silu", "sigmoid"):
+        for rows, hidden in [(37, 48), (5, 300)]:
+            width = 2 * hidden if gate else hidden
+            pre = torch.randn(rows, width, generator=gen).to(torch.bfloat16)
+            out = fused_activation.activation_forward(pre, gate)
+            p = pre.double().requires_grad_()
+            if gate:
+                value, g = p.chunk(2, dim=-1)
+                ref = value * fused_activation.GATE_ACTIVATIONS[gate](g)
+            else:
+                ref = F.gelu(p)
+            assert ulp_close(out.float(), ref.detach(), torch.bfloat16), ("forward", gate, rows, hidden)
+            d_out = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
+            d_pre, again = fused_activation.activation_backward(d_out, pre, gate, recompute_output=True)
+            (want,) = torch.autograd.grad(ref, p, d_out.double())
+            assert ulp_close(d_pre.float(), want, torch.bfloat16), ("backward", gate, rows, hidden)
+            assert torch.equal(again, out), ("recomputed output", gate)
+    return "gelu, gated gelu / silu / sigmoid"
+
+
+def check_fold_affine() -> str:
+    gen = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for rows, cols, bias in [(40, 7, True), (130, 96, False)]:
+        w = torch.randn(rows, cols, generator=gen, requires_grad=True)
+        b = torch.randn(rows, generator=gen, requires_grad=True) if bias else None
+        g = torch.randn(cols, generator=gen, requires_grad=True)
+        beta = torch.randn(cols, generator=gen, requires_grad=True)
+        ref_w, ref_b = fold_norm_affine(g, beta, w, b)
+        got_w, got_b = fused_norm.fold_affine(w.detach(), None if b is None else b.detach(), g.detach(),
+                                              beta.detach(), torch.float32)
+        worst = max(worst, rel(got_w, ref_w), rel(got_b, ref_b))
+        assert rel(got_w, ref_w) <= FP32_TOL and rel(got_b, ref_b) <= FP32_TOL, ("fold", rows, cols)
+        d_w, d_b = torch.randn(rows, cols, generator=gen), torch.randn(rows, generator=gen)
+        want = torch.autograd.grad((ref_w, ref_b), [g, beta, w], (d_w, d_b))
+        got = fused_norm.unfold_affine_grads(d_w, d_b, w.detach(), g.detach(), beta.detach())
+        for name, a, e in zip(["d_norm_weight", "d_norm_bias", "d_weight"], got, want):
+            worst = max(worst, rel(a, e))
+            assert rel(a, e) <= FP32_TOL, (name, rows, cols, rel(a, e))
+    return f"worst {worst:.1e}"
+
+
+def check_residual_add() -> str:
+    gen = torch.Generator().manual_seed(4)
+    x2 = torch.randn(37, 64, generator=gen)
+    a = torch.randn(37, 96, generator=gen).to(torch.bfloat16)
+    w = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    b = torch.randn(64, generator=gen)
+    got = fused_block._residual_add(x2, a, w, b)
+    want = x2.double() + (a.float() @ w.float().t()).to(torch.bfloat16).double() + b.double()
+    assert rel(got, want) <= FP32_TOL, rel(got, want)
+    return f"{rel(got, want):.1e}"
+
+
+# ---------------------------------------------------------------------------------------------------- branches
+
+
+def _block_model(seed: int, **overrides):
+    torch.manual_seed(seed)
+    config = PerceiverConfig(**{**dict(input_dim=24, depth=1, num_latents=16, latent_dim=64, cross_heads=2,
+                                       cross_head_dim=32, latent_heads=2, latent_head_dim=32), **overrides})
+    model = PerceiverModel(config)
+    with torch.no_grad():  # away from the initialisation's zeros and ones, so that every parameter matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _grads(out, inputs, gy):
+    return torch.autograd.grad(out, list(inputs), gy, allow_unused=True)
+
+
+def _against_reference(y, ref, named) -> tuple[float, tuple]:
+    """A branch's output `y` and the gradients of its `(name, input)` pairs against its fp32 reference `ref`, for one
+    random output gradient: the worst relative error, and the branch's gradients."""
+    names, inputs = zip(*named)
+    gy = torch.randn_like(ref)
+    got = _grads(y, inputs, gy)
+    assert rel(y, ref) <= BRANCH_TOL, ("output", rel(y, ref))
+    return max(rel(y, ref), _compare(got, _grads(ref, inputs, gy), names, BRANCH_TOL)), got
+
+
+def _compare(got, want, names, tol) -> float:
+    worst = 0.0
+    for name, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None or not g.any(), name
+            continue
+        assert g is not None and torch.isfinite(g).all(), name
+        worst = max(worst, rel(g, w))
+        assert rel(g, w) <= tol, (name, rel(g, w))
+    return worst
+
+
+def check_mlp_branch() -> str:
+    worst = 0.0
+    for seed, gated, residual in [(0, True, True), (1, False, True), (2, True, False)]:
+        block = _block_model(seed, gated_mlp=gated, mlp_residual=residual).encoder.self_layers[0][0]
+        norm, mlp = block.norm2, block.mlp
+        x = torch.randn(3, 16, 64, requires_grad=True)
+        gate = mlp.gate_activation_name if mlp.gated else None
+        copies = tuple(fused_block.cast_tensors(torch.bfloat16, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                                mlp.fc2.bias))
+        y = fused_block._MLPBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                         mlp.fc2.bias, norm.eps, gate, residual, copies)
+        ref = mlp(norm(x)) + (x if residual else 0)
+        named = [("x", x), *norm.named_parameters(prefix="norm"), *mlp.named_parameters(prefix="mlp")]
+        worst = max(worst, _against_reference(y, ref, named)[0])
+    return f"worst {worst:.1e}"
+
+
+def check_self_attention_branch() -> str:
+    worst = 0.0
+    for seed, heads, head_dim, bias in [(0, 2, 32, False), (1, 4, 16, True)]:
+        block = _block_model(seed, latent_heads=heads, latent_head_dim=head_dim,
+                             latent_qkv_bias=bias).encoder.self_layers[0][0]
+        norm, attn = block.norm1, block.attn
+        x = torch.randn(3, 16, 64, requires_grad=True)
+        copies = tuple(fused_block.cast_tensors(torch.bfloat16, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                                attn.o_proj.weight, attn.o_proj.bias))
+        y = fused_block._SelfAttentionBranch.apply(
+            x, norm.weight, norm.bias, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+            norm.eps, heads, head_dim, 0.0, copies,
+        )
+        ref = x + attn(norm(x))[0]
+        named = [("x", x), *norm.named_parameters(prefix="norm"), *attn.named_parameters(prefix="attn")]
+        worst = max(worst, _against_reference(y, ref, named)[0])
+    return f"worst {worst:.1e}"
+
+
+def check_cross_attention_branch() -> str:
+    """Unmasked (the flash op) and masked (the cuDNN op with the mask's key bias; a sample without any valid key
+    gets no attention output, padded tokens no gradient), with and without the input norm folded into kv_proj."""
+    worst = 0.0
+    for seed, masked, input_norm, residual in [(0, False, True, True), (1, True, True, True),
+                                               (2, True, False, False)]:
+        block = _block_model(seed, cross_qkv_bias=True, cross_input_norm=input_norm,
+                             cross_query_residual=residual).encoder.cross_layers[0]
+        norm, attn, cn = block.norm1, block.attn, block.context_norm
+        x = torch.randn(4, 16, 64, requires_grad=True)
+        x_in = torch.randn(4, 30, 24, requires_grad=True)
+        mask = torch.arange(30)[None] < torch.tensor([30, 17, 3, 0])[:, None] if masked else None
+        context = CrossInput(x_in, None if mask is None else KeyPaddingMask.from_mask(mask))
+        y = fused_block.cross_attention_branch(norm, attn, x, context, cn, torch.bfloat16, residual)
+        ref = attn(norm(x), CrossInput(x_in, context.mask), input_norm=cn)[0] + (x if residual else 0)
+        error, got = _against_reference(y, ref, [("x", x), ("x_in", x_in), *block.named_parameters()])
+        worst = max(worst, error)
+        if masked:  # exactly: no padded token (nor any token of the sample without keys) reaches the output
+            assert not got[1][~mask].any() and not got[1][3].any(), "padded tokens took a gradient"
+    return f"worst {worst:.1e}"
+
+
+CHECKS = {name.removeprefix("check_"): fn for name, fn in list(globals().items()) if name.startswith("check_")}
+
+
+def main() -> None:
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            results[name] = {"ok": True, "detail": check()}
+        except Exception:  # reported per check, so that one failure does not hide the others
+            results[name] = {"ok": False, "detail": traceback.format_exc(limit=6)}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

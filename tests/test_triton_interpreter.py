@@ -1,0 +1,42 @@
+"""The package's Triton kernels and fused residual branches on the CPU, in Triton's interpreter
+(tests/interpreted_kernels.py, run in a subprocess because the interpreter is chosen when the kernels are defined):
+CI has no GPU, and without this the kernels' code would be exercised only by the GPU tests. The checks and their
+tolerances are documented in that file. Needs Triton, which the `test` extra installs on Linux x86-64; elsewhere
+these tests are skipped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="needs Triton (`pip install -e '.[test]'` installs it on Linux x86-64)",
+)
+
+CHECKS = ["layer_norm", "column_sum", "activation", "fold_affine", "residual_add", "mlp_branch",
+          "self_attention_branch", "cross_attention_branch"]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    script = Path(__file__).with_name("interpreted_kernels.py")
+    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_check_ran(results):
+    assert sorted(results) == sorted(CHECKS)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_interpreted_kernels(results, check):
+    assert results[check]["ok"], results[check]["detail"]
