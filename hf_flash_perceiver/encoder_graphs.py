@@ -127,24 +127,21 @@ def _hooks_allow_capture(module: nn.Module) -> bool:
 _PACKAGE = __name__.rpartition(".")[0]
 
 
-# Per module class: whether it is known to capture (`_known`) and its class-level `gradient_checkpointing` default.
+# Per module class, what `_type_info` found (the walk of `_layout` asks it for every module of every call).
 _TYPES: dict[type, tuple[bool, bool]] = {}
 
 
 def _type_info(kind: type) -> tuple[bool, bool]:
+    """`(known, gradient_checkpointing)` for a module class: whether it is of this package or of `torch.nn`, code
+    whose ops are known to capture (anything else, a PEFT wrapper or a user's replacement, runs eagerly: a capture
+    that fails leaves CUDA's random-number state unusable for the rest of the process, so it is not attempted on
+    unknown code), and its class-level `gradient_checkpointing` default."""
     info = _TYPES.get(kind)
     if info is None:
         owner = kind.__module__
         known = owner.startswith("torch.nn.") or owner.rpartition(".")[0] == _PACKAGE
         info = _TYPES[kind] = (known, bool(getattr(kind, "gradient_checkpointing", False)))
     return info
-
-
-def _known(module: nn.Module) -> bool:
-    """A module of this package or of `torch.nn`: code whose ops are known to capture. Anything else (a PEFT
-    wrapper, a user's replacement) runs eagerly: a capture that fails leaves CUDA's random-number state unusable for
-    the rest of the process, so it is not attempted on unknown code."""
-    return _type_info(type(module))[0]
 
 
 def _global_hooks() -> bool:

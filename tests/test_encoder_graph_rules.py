@@ -44,12 +44,17 @@ def test_environment_variable_sets_the_switch(value, enabled):
 
 def test_known_modules_and_hooks():
     model = build(small_config(), "sdpa", 0)
-    assert all(encoder_graphs._known(m) and encoder_graphs._hooks_allow_capture(m) for m in model.encoder.modules())
+    assert all(encoder_graphs._type_info(type(m))[0] and encoder_graphs._hooks_allow_capture(m)
+               for m in model.encoder.modules())
+    assert encoder_graphs._layout(model.encoder, on_cuda=False) is not None
 
     class Wrapped(nn.Linear):  # defined here, not in the package: its ops are not known to capture
         pass
 
-    assert not encoder_graphs._known(Wrapped(2, 2))
+    assert not encoder_graphs._type_info(Wrapped)[0]
+    mlp = model.encoder.self_layers[0][0].mlp
+    mlp.fc1 = Wrapped(mlp.fc1.in_features, mlp.fc1.out_features)
+    assert encoder_graphs._layout(model.encoder, on_cuda=False) is None  # one unknown module: no capture
     # transformers' output recorders stay installed after a call that recorded hidden states; inactive, they allow it.
     model(torch.randn(2, 9, 12), output_hidden_states=True)
     block = model.encoder.self_layers[0][0]
