@@ -92,6 +92,11 @@ def make_inputs(config, batch=3, seq=None, seed=0):
     return torch.randn(batch, seqs[0], dims[0], generator=g)
 
 
+def rel_err(a, b) -> float:
+    """Relative error of the whole tensor `a` against `b` (Frobenius norm, in fp64)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 def build(config, impl="sdpa", seed=0):
     torch.manual_seed(seed)
     model = PerceiverModel._from_config(config, attn_implementation=impl).eval()

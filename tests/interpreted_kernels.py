@@ -28,16 +28,17 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("run with TRITON_INTERPRET=1 (tests/test_triton_interpreter.py does)")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package; this file's folder holds the helpers
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hf_flash_perceiver.fused_norm as fused_norm  # noqa: E402
-from hf_flash_perceiver import PerceiverConfig, PerceiverModel  # noqa: E402
 from hf_flash_perceiver import fused_activation, fused_block  # noqa: E402
 from hf_flash_perceiver.attention_backends import KeyPaddingMask  # noqa: E402
 from hf_flash_perceiver.cross_attention import CrossInput, fold_norm_affine  # noqa: E402
+
+from core_common import build, rel_err as rel, small_config  # noqa: E402
 
 # Launch geometry reads the GPU's SM count and stream: a few programs here (each loops over several row tiles).
 fused_norm._programs = lambda device, tiles, per_sm: max(1, min(tiles, 3))
@@ -56,10 +57,6 @@ torch.mm = _mm_out_dtype
 
 FP32_TOL = 1e-5
 BRANCH_TOL = 2e-2
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def ulp_close(got, want, dtype) -> bool:
@@ -226,14 +223,10 @@ def check_residual_add() -> str:
 
 
 def _block_model(seed: int, **overrides):
-    torch.manual_seed(seed)
-    config = PerceiverConfig(**{**dict(input_dim=24, depth=1, num_latents=16, latent_dim=64, cross_heads=2,
-                                       cross_head_dim=32, latent_heads=2, latent_head_dim=32), **overrides})
-    model = PerceiverModel(config)
-    with torch.no_grad():  # away from the initialisation's zeros and ones, so that every parameter matters
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    """A small model whose parameters are all away from their initialisation (core_common.build), in training."""
+    config = small_config(**{**dict(input_dim=24, depth=1, num_latents=16, latent_dim=64, cross_heads=2,
+                                    cross_head_dim=32, latent_heads=2, latent_head_dim=32), **overrides})
+    return build(config, "sdpa", seed).train()
 
 
 def _grads(out, inputs, gy):

@@ -13,7 +13,7 @@ from hf_flash_perceiver import PerceiverModel
 from hf_flash_perceiver.attention_backends import attention
 
 from reference import reference_forward
-from core_common import OpCounter, build, make_inputs, random_config, small_config
+from core_common import OpCounter, build, make_inputs, random_config, rel_err, small_config
 
 
 pytestmark = pytest.mark.cuda
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.cuda
 BF16_REL_TOL = 2e-2  # bf16 vs fp32 reference: relative error of the whole output (Frobenius norm)
 BF16_GRAD_REL_TOL = 4e-2  # the same for input gradients, which pass through every layer twice
 FUSED = ["sdpa", "varlen"]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def cuda_model(cfg, impl, seed=0):

@@ -12,7 +12,7 @@ import torch
 from hf_flash_perceiver import encoder_graphs
 from hf_flash_perceiver.encoder import PerceiverEncoder
 
-from core_common import build, small_config
+from core_common import build, rel_err, small_config
 
 pytestmark = pytest.mark.cuda
 
@@ -26,10 +26,6 @@ REPLAY_GRAD_REL_TOL = 1e-2
 # What six optimizer steps changed in a parameter: each step's gradient within REPLAY_GRAD_REL_TOL, compounding over
 # the steps (up to 1.03e-2 measured on a cross-attention norm's weight, depending on the inputs drawn).
 REPLAY_TRAINING_REL_TOL = 2e-2
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def graph_config(**kw):
