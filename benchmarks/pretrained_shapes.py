@@ -19,7 +19,11 @@ masked-LM decoder). The checkpoints' own attention dropout (0.1) is kept: this i
 Each record: a bf16-autocast training step (fp32 weights; zero_grad, forward with labels, the model's own loss,
 backward; no optimizer step) and an inference forward (no_grad), medians of `--iters` after `--warmup`, CUDA events,
 with the peak memory of the training steps (warm-up included: for a compiled variant that is where the CUDA graphs
-are recorded, the only step whose allocations the allocator sees), side by side in one process.
+are recorded, the only step whose allocations the allocator sees), side by side in one process. `train_flops` is the
+model FLOPs of one training step, counted by `torch.utils.flop_counter` on transformers' model at batch 1 (its
+attention is plain matmuls, all of it counted; every op works per sample) times the batch: the same math for every
+record, so each gains `train_tflops_per_s` and, on a GPU, `train_mfu` against the bf16 matmul ceiling measured in the
+same run (`matmul_tflops`, as `run.py` does).
 Results go to `<out-dir>/<YYYY-MM-DD>-<card>-pretrained-shapes.json` (`--out-dir` defaults to `benchmarks/results/`
 on a GPU run, a temporary folder for `--smoke`).
 """
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from run import (  # noqa: E402
     RESULTS_DIR,
     card_name,
+    matmul_ceiling,
     profile_steps,
     slugify,
     step_stats,
@@ -144,6 +149,26 @@ def measure(model, kwargs: dict, device, warmup: int, iters: int) -> dict:
     return {"train_ms": train_ms, "train_peak_gib": peak, **train_stats, "infer_ms": timed(infer)}
 
 
+def count_train_flops(model, kwargs: dict, device) -> int:
+    """Model FLOPs of one training step of `model` on `kwargs` (`torch.utils.flop_counter`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.to(device).train()
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, kwargs, device)
+    model.zero_grad(set_to_none=True)
+    model.to("cpu")
+    return counter.get_total_flops()
+
+
+def add_throughput(record: dict, matmul_tflops: float | None) -> None:
+    """Each timed record's achieved TFLOP/s on the step's model FLOPs, and its MFU where a ceiling was measured."""
+    for result in record.values():
+        if isinstance(result, dict) and result.get("train_ms"):
+            result["train_tflops_per_s"] = record["train_flops"] / (result["train_ms"] / 1e3) / 1e12
+            result["train_mfu"] = None if matmul_tflops is None else result["train_tflops_per_s"] / matmul_tflops
+
+
 def add_ratios(record: dict) -> None:
     """Each variant's training speedup over transformers' eager step (`<variant>_train_speedup`), and for this
     package's eager model the inference speedup and the peak-memory ratio as well."""
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_flash_perceiver.fused_block import fused_branches
 
     payload["transformers"] = transformers.__version__
+    # The MFU denominator, measured in this run; off the GPU there is no meaningful bf16 peak.
+    payload["matmul_tflops"] = matmul_ceiling(device, 8192) if device.type == "cuda" else None
     workdir = Path(tempfile.mkdtemp(prefix="pretrained-weights-"))
     for name, (config, size) in shapes(args.smoke).items():
         if name not in args.shapes.split(","):
@@ -219,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         theirs, ours = build_pair(name, config, workdir)
         kw_theirs, kw_ours = batch_for(name, size, batch, config, device)
         record = {"shape": name, "input_size": size,
-                  "params_million": sum(p.numel() for p in ours.parameters()) / 1e6}
+                  "params_million": sum(p.numel() for p in ours.parameters()) / 1e6,
+                  "train_flops": count_train_flops(theirs, batch_for(name, size, 1, config, device)[0], device) * batch}
         # (impl, model, inputs, fused branches, block-wise weight conversion, encoder CUDA graphs, torch.compile mode
         # or None)
         runs = [("transformers", theirs, kw_theirs, False, True, True, None),
@@ -272,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         add_ratios(record)
+        add_throughput(record, payload["matmul_tflops"])
         payload["records"].append(record)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}, flush=True)
         write_json(path, payload)

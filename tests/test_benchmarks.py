@@ -482,6 +482,13 @@ def test_pretrained_shapes_smoke(tmp_path):
             record["transformers"]["train_ms"] / record["hf-flash-perceiver"]["train_ms"])
         assert record["fused_branches_train_speedup"] == pytest.approx(
             record["transformers"]["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
+        # One FLOP count (transformers' model) for every record's throughput; no MFU without a GPU's ceiling.
+        assert record["train_flops"] > 0
+        for impl in ("transformers", "hf-flash-perceiver"):
+            assert record[impl]["train_tflops_per_s"] == pytest.approx(
+                record["train_flops"] / record[impl]["train_ms"] / 1e9)
+            assert record[impl]["train_mfu"] is None
+    assert payload["matmul_tflops"] is None
     (written,) = tmp_path.glob("*-cpu-pretrained-shapes-smoke.json")
     assert json.loads(written.read_text())["records"] == payload["records"]
     # --profile: this package's training step at that shape only, as run.py's profiles (a table, then launches).
@@ -489,6 +496,20 @@ def test_pretrained_shapes_smoke(tmp_path):
     text = profile.read_text()
     assert profile.name.endswith("-profile-pretrained-language.txt") and "pretrained shape language" in text
     assert "Self CPU" in text and "# Device activities per step" in text
+
+
+def test_pretrained_shapes_flops_are_per_sample():
+    # The step's FLOPs are counted at batch 1 and scaled by the batch: every op of both shapes works per sample.
+    pretrained = _load("pretrained_shapes")
+    import transformers
+
+    for name, (config, size) in pretrained.shapes(smoke=True).items():
+        cls = {"vision-learned": transformers.PerceiverForImageClassificationLearned,
+               "language": transformers.PerceiverForMaskedLM}[name]
+        model = cls(config)
+        one, three = (pretrained.count_train_flops(model, pretrained.batch_for(name, size, b, config, "cpu")[0],
+                                                   torch.device("cpu")) for b in (1, 3))
+        assert one > 0 and three == 3 * one, (name, one, three)
 
 
 def test_pretrained_shapes_ratios_per_variant():
