@@ -9,8 +9,10 @@ converts every branch's together; the cross-attention folds its input norm into 
 kernel), the residual add takes the output projection's bias in one vectorised kernel, attention is PyTorch's cuDNN
 (or FlashAttention-2) kernel called directly, and weight and bias gradients come out of the GEMMs and one-kernel
 column sums in fp32, so no cast kernels follow them; a branch hands its input gradient on in half precision too, for
-the branch below. Built module by module, the same branch launches about three times as many kernels, each with its
-own autograd, autocast and Python overhead: that overhead, not the GPU, bounds an eager training step of the
+the branch below. Of its input a branch keeps only the normalised rows, in fp16, for its backward (which writes the
+norm's output again from them, in the LayerNorm backward kernel): not the fp32 residual stream and the norm's output,
+which the module path keeps. Built module by module, the same branch launches about three times as many kernels, each
+with its own autograd, autocast and Python overhead: that overhead, not the GPU, bounds an eager training step of the
 Perceiver's small latent arrays.
 
 The values are those of the modules under autocast up to rounding order (weight gradients are better: they skip
@@ -276,19 +278,37 @@ def _half_grad(dy: Tensor, dy2: Tensor, dtype: torch.dtype) -> Tensor:
     return dy2.to(dtype)
 
 
-def _input_grad(ctx, x2: Tensor, dh: Tensor, ln_w: Tensor, stats: Tensor, dy2: Tensor | None,
-                residual_sum: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The LayerNorm backward of a branch, `dy2` being the residual gradient (None without the residual): `(dx,
-    d_ln_w, d_ln_b, row sum of dy2)`, `dx` shaped like the branch's input and carrying its half copy where the
-    branch below reads it."""
-    copy = torch.empty(x2.shape, dtype=dtype, device=x2.device) if ctx.hand_on else None
+def _normalize(ctx, x2: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, eps: float,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The LayerNorm of a branch: `(h, x_hat, stats)`, its output in the compute dtype and its normalised rows
+    before the affine in fp16. The branch keeps `x_hat` for its backward, which writes `h` again from it (for the
+    weight gradient of the projection reading `h`): neither the branch's fp32 input nor `h` is kept, four bytes an
+    element less than keeping both. fp16 whatever the compute dtype: a normalised row's entries are bounded by the
+    square root of its width (90 at the widest fused one), well inside fp16's range, where fp16 carries three more
+    bits than bf16; the `h` written again from it differs from the forward's by at most a last-bit rounding."""
+    ctx.x_dtype, ctx.has_ln_bias = x2.dtype, ln_b is not None
+    x_hat = torch.empty(x2.shape, dtype=torch.float16, device=x2.device)
+    h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype, x_hat=x_hat)
+    return h, x_hat, stats
+
+
+def _input_grad(ctx, x_hat: Tensor, dh: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, stats: Tensor,
+                dy2: Tensor | None, residual_sum: bool, dtype: torch.dtype,
+                rewrite: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The LayerNorm backward of a branch from its [`_normalize`]d rows, `dy2` being the residual gradient (None
+    without the residual): `(dx, d_ln_w, d_ln_b, row sum of dy2, h)`, `dx` shaped like the branch's input and
+    carrying its half copy where the branch below reads it, `h` the norm's output written again where `rewrite`
+    asks for it (else None)."""
+    copy = torch.empty(x_hat.shape, dtype=dtype, device=x_hat.device) if ctx.hand_on else None
+    h = torch.empty(x_hat.shape, dtype=dtype, device=x_hat.device) if rewrite else None
     dx, d_ln_w, d_ln_b, row_sum = norm_backward(
-        x2, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2, residual_sum=residual_sum, dx_copy=copy
+        x_hat, dh, ln_w, stats, ctx.has_ln_bias, residual_grad=dy2, residual_sum=residual_sum, dx_copy=copy,
+        normalized=True, dx_dtype=ctx.x_dtype, bias=ln_b, output=h,
     )
     dx = dx.view(ctx.shape)
     if copy is not None:
         setattr(dx, _HALF_COPY, (copy, dx._version))
-    return dx, d_ln_w, d_ln_b, row_sum
+    return dx, d_ln_w, d_ln_b, row_sum, h
 
 
 class _SelfAttentionBranch(torch.autograd.Function):
@@ -299,22 +319,22 @@ class _SelfAttentionBranch(torch.autograd.Function):
         batch, length, _ = x.shape
         x2 = _rows(x)
         w_qkv_c, b_qkv_c, w_o_c, _ = copies  # o_proj's bias enters in fp32, with the residual add
-        h, stats = norm_forward(x2, ln_w, ln_b, eps, w_qkv_c.dtype)
+        h, x_hat, stats = _normalize(ctx, x2, ln_w, ln_b, eps, w_qkv_c.dtype)
         qkv = _linear(h, w_qkv_c, b_qkv_c)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         scale = head_dim**-0.5
         out, lse, aux = _attention_forward(q, k, v, scale, dropout)
         a = out.transpose(1, 2).reshape(batch * length, heads * head_dim)
         y = _residual_add(x2, a, w_o_c, b_o)
-        ctx.save_for_backward(x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
+        ctx.save_for_backward(x_hat, ln_w, ln_b, stats, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
         ctx.aux, ctx.scale, ctx.dropout, ctx.shape = aux, scale, dropout, x.shape
         ctx.hand_on = _takes_branch_output(x)
-        ctx.has_ln_bias, ctx.has_qkv_bias, ctx.has_o_bias = ln_b is not None, b_qkv is not None, b_o is not None
+        ctx.has_qkv_bias, ctx.has_o_bias = b_qkv is not None, b_o is not None
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, ln_w, stats, h, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o = ctx.saved_tensors
+        x_hat, ln_w, ln_b, stats, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o = ctx.saved_tensors
         need = ctx.needs_input_grad
         batch, length, _ = ctx.shape
         heads, head_dim = out.shape[1], out.shape[3]
@@ -326,9 +346,11 @@ class _SelfAttentionBranch(torch.autograd.Function):
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale, ctx.dropout)[:3]
         dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1)
-        dh, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv.dtype, True, need[3],
-                                              need[4] and ctx.has_qkv_bias)
-        dx, d_ln_w, d_ln_b, db_o = _input_grad(ctx, x2, dh, ln_w, stats, dy2, need[6] and ctx.has_o_bias, do.dtype)
+        dh = torch.mm(dqkv, w_qkv_c)
+        dx, d_ln_w, d_ln_b, db_o, h = _input_grad(ctx, x_hat, dh, ln_w, ln_b, stats, dy2,
+                                                  need[6] and ctx.has_o_bias, do.dtype, need[3])
+        _, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv.dtype, False, need[3],
+                                             need[4] and ctx.has_qkv_bias)
         return (dx, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 5
 
 
@@ -347,7 +369,7 @@ class _CrossAttentionBranch(torch.autograd.Function):
         dtype = w_q_c.dtype
         # The input norm's affine folded into kv_proj, in fp32, written in the compute dtype.
         w_kv_c, b_kv_c = cast_tensors(dtype, w_kv, b_kv) if cn_w is None else fold_affine(w_kv, b_kv, cn_w, cn_b, dtype)
-        h, stats = norm_forward(x2, ln_w, ln_b, eps, dtype)
+        h, x_hat, stats = _normalize(ctx, x2, ln_w, ln_b, eps, dtype)
         q_rows = _linear(h, w_q_c, b_q_c)
         kv = _linear(x_in2, w_kv_c, b_kv_c)
         q = q_rows.view(batch, length, heads, head_dim).transpose(1, 2)
@@ -359,21 +381,19 @@ class _CrossAttentionBranch(torch.autograd.Function):
             a = torch.where(has_keys.view(-1, 1, 1), a, 0.0)
         a = a.view(batch * length, -1)
         y = _residual_add(x2, a, w_o_c, b_o) if residual else _linear(a, w_o_c, b_o_c).to(x.dtype)
-        ctx.save_for_backward(x2, ln_w, stats, h, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c, key_bias,
-                              has_keys, cn_w, cn_b, w_kv, w_q, w_o)
+        ctx.save_for_backward(x_hat, ln_w, ln_b, stats, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c,
+                              key_bias, has_keys, cn_w, cn_b, w_kv, w_q, w_o)
         ctx.aux, ctx.scale, ctx.dropout, ctx.residual = aux, scale, dropout, residual
         ctx.shape, ctx.in_shape, ctx.heads = x.shape, x_in.shape, heads
-        ctx.has_ln_bias, ctx.has_q_bias, ctx.has_kv_bias, ctx.has_o_bias = (
-            ln_b is not None, b_q is not None, b_kv_c is not None, b_o is not None
-        )
+        ctx.has_q_bias, ctx.has_kv_bias, ctx.has_o_bias = b_q is not None, b_kv_c is not None, b_o is not None
         ctx.kv_proj_bias = b_kv is not None
         ctx.hand_on = _takes_branch_output(x)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        (x2, ln_w, stats, h, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c, key_bias, has_keys, cn_w, cn_b,
-         w_kv, w_q, w_o) = ctx.saved_tensors
+        (x_hat, ln_w, ln_b, stats, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c, key_bias, has_keys, cn_w,
+         cn_b, w_kv, w_q, w_o) = ctx.saved_tensors
         need = ctx.needs_input_grad
         batch, length, _ = ctx.shape
         kv_len, heads = ctx.in_shape[1], ctx.heads
@@ -406,10 +426,11 @@ class _CrossAttentionBranch(torch.autograd.Function):
         # The fold adds to kv_proj's bias: its gradient is the folded bias's.
         db_kv = db_kv_f if ctx.kv_proj_bias else None
         dw_kv, db_kv = (None if g is None else g.to(w_kv.dtype) for g in (dw_kv, db_kv))
-        dh, dw_q, db_q = _linear_backward(dq_rows, h, w_q_c, w_q.dtype, True, need[3], need[4] and ctx.has_q_bias)
-        dx, d_ln_w, d_ln_b, db_o_sum = _input_grad(
-            ctx, x2, dh, ln_w, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype
+        dh = torch.mm(dq_rows, w_q_c)
+        dx, d_ln_w, d_ln_b, db_o_sum, h = _input_grad(
+            ctx, x_hat, dh, ln_w, ln_b, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype, need[3]
         )
+        _, dw_q, db_q = _linear_backward(dq_rows, h, w_q_c, w_q.dtype, False, need[3], need[4] and ctx.has_q_bias)
         if sum_in_norm:
             db_o = db_o_sum
         d_in = None if d_in is None else d_in.view(ctx.in_shape)
@@ -423,20 +444,20 @@ class _MLPBranch(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, copies):
         x2 = _rows(x)
         w1_c, b1_c, w2_c, b2_c = copies
-        h, stats = norm_forward(x2, ln_w, ln_b, eps, w1_c.dtype)
+        h, x_hat, stats = _normalize(ctx, x2, ln_w, ln_b, eps, w1_c.dtype)
         pre = _linear(h, w1_c, b1_c)
         act = activation_forward(pre, gate)
         y = _residual_add(x2, act, w2_c, b2) if residual else _linear(act, w2_c, b2_c).to(x.dtype)
         # Not `act`: the activation's backward kernel writes it again (the MLP's widest activation, not kept).
-        ctx.save_for_backward(x2, ln_w, stats, h, w1_c, pre, w2_c, w1, w2)
+        ctx.save_for_backward(x_hat, ln_w, ln_b, stats, w1_c, pre, w2_c, w1, w2)
         ctx.gate, ctx.residual, ctx.shape = gate, residual, x.shape
         ctx.hand_on = _takes_branch_output(x)
-        ctx.has_ln_bias, ctx.has_b1, ctx.has_b2 = ln_b is not None, b1 is not None, b2 is not None
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, ln_w, stats, h, w1_c, pre, w2_c, w1, w2 = ctx.saved_tensors
+        x_hat, ln_w, ln_b, stats, w1_c, pre, w2_c, w1, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _rows(dy)
         do = _half_grad(dy, dy2, w2_c.dtype)
@@ -446,10 +467,11 @@ class _MLPBranch(torch.autograd.Function):
         sum_in_norm = ctx.residual and need[6] and ctx.has_b2
         _, dw2, db2 = _linear_backward(do, act, w2_c, w2.dtype, False, need[5],
                                        need[6] and ctx.has_b2 and not sum_in_norm)
-        dh, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1.dtype, True, need[3], need[4] and ctx.has_b1)
-        dx, d_ln_w, d_ln_b, db2_sum = _input_grad(
-            ctx, x2, dh, ln_w, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype
+        dh = torch.mm(d_pre, w1_c)
+        dx, d_ln_w, d_ln_b, db2_sum, h = _input_grad(
+            ctx, x_hat, dh, ln_w, ln_b, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype, need[3]
         )
+        _, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1.dtype, False, need[3], need[4] and ctx.has_b1)
         if sum_in_norm:
             db2 = db2_sum
         return (dx, d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4

@@ -104,35 +104,44 @@ def _programs(device: torch.device, tiles: int, per_sm: int) -> int:
     return max(1, min(tiles, per_sm * _SM_COUNT[index]))
 
 
-def norm_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def norm_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
+                 x_hat: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """LayerNorm of the rows of `x2 (rows, width)` (unit stride along the row) into a new `out_dtype` tensor.
-    Returns `(y, stats)`, `stats (2, rows)` holding the fp32 mean and inverse standard deviation."""
+    Returns `(y, stats)`, `stats (2, rows)` holding the fp32 mean and inverse standard deviation. `x_hat`, a `(rows,
+    width)` tensor, receives the normalised rows before the affine, in its dtype, from the same kernel: what
+    [`norm_backward`] reads (`normalized=True`) instead of `x2`."""
     rows, width = x2.shape
     y = torch.empty((rows, width), dtype=out_dtype, device=x2.device)
     stats = torch.empty((2, rows), dtype=torch.float32, device=x2.device)
     tile_rows, block, warps = _tile(width)
     _layer_norm_forward[(triton.cdiv(rows, tile_rows),)](
         x2, y, weight if weight is not None else x2, bias if bias is not None else x2, stats,
-        rows, width, x2.stride(0), eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+        x_hat if x_hat is not None else y, rows, width, x2.stride(0), eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, KEEP_NORMALIZED=x_hat is not None,
+        ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
     return y, stats
 
 
 def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, has_bias: bool,
                   residual_grad: Tensor | None = None, residual_sum: bool = False,
-                  dx_copy: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+                  dx_copy: Tensor | None = None, normalized: bool = False, dx_dtype: torch.dtype | None = None,
+                  bias: Tensor | None = None,
+                  output: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of [`norm_forward`] from `dy (rows, width)`: `(dx, d_weight, d_bias, residual column sum)`, in
-    fp32 for the affine, `dx` in `x2`'s dtype. `residual_grad`, when given, is added to `dx` in the same kernel (a
-    residual branch's gradient meeting the normalised one); with `residual_sum` its fp32 sum over the rows comes
-    out of the same kernel and reduction as the affine's (the bias gradient of the projection whose output joined
-    the residual stream: the sum of the same gradient), else the last item is None. `dx_copy`, a `(rows, width)`
-    tensor of another dtype, receives `dx` in that dtype from the same kernel."""
+    fp32 for the affine, `dx` in `dx_dtype` (default: `x2`'s dtype). `residual_grad`, when given, is added to `dx` in
+    the same kernel (a residual branch's gradient meeting the normalised one); with `residual_sum` its fp32 sum over
+    the rows comes out of the same kernel and reduction as the affine's (the bias gradient of the projection whose
+    output joined the residual stream: the sum of the same gradient), else the last item is None. `dx_copy`, a
+    `(rows, width)` tensor of another dtype, receives `dx` in that dtype from the same kernel.
+
+    With `normalized`, `x2` holds the forward's normalised rows (its `x_hat`, in any dtype) rather than its input.
+    `output`, a `(rows, width)` tensor, receives the forward's output again, `x_hat * weight + bias` (`bias` the
+    norm's bias where `has_bias`), from the same kernel."""
     rows, width = x2.shape
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx = torch.empty((rows, width), dtype=x2.dtype, device=x2.device)
+    dx = torch.empty((rows, width), dtype=dx_dtype or x2.dtype, device=x2.device)
     tile_rows, block, warps, per_sm = _backward_tile(width)
     programs = _programs(x2.device, triton.cdiv(rows, tile_rows), per_sm)
     residual_sum = residual_sum and residual_grad is not None
@@ -143,9 +152,11 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     _layer_norm_backward[(programs,)](
         x2, dy, dx, weight if weight is not None else x2, stats, partial,
         residual_grad if residual_grad is not None else dx, dx_copy if dx_copy is not None else dx,
+        bias if bias is not None else x2, output if output is not None else dx,
         rows, width, x2.stride(0), dy.stride(0), residual_grad.stride(0) if residual_grad is not None else 0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_grad is not None,
-        RESIDUAL_SUM=residual_sum, HAS_COPY=dx_copy is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+        RESIDUAL_SUM=residual_sum, HAS_COPY=dx_copy is not None, NORMALIZED=normalized,
+        REWRITE=output is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
     if not want_sums:
         return dx, None, None, None
@@ -286,8 +297,9 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm_forward(
-        X, Y, W, B, Stats, rows, width, stride, eps,
-        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        X, Y, W, B, Stats, XHat, rows, width, stride, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, KEEP_NORMALIZED: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         col = tl.arange(0, BLOCK)
@@ -300,20 +312,23 @@ if triton is not None:
         centered = tl.where(ok, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / width + eps)
         y = centered * rstd[:, None]
+        out_offsets = row[:, None].to(tl.int64) * width + col[None, :]
+        if KEEP_NORMALIZED:
+            tl.store(XHat + out_offsets, y.to(XHat.dtype.element_ty), mask=ok)
         if HAS_WEIGHT:
             y = y * tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y = y + tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out_offsets = row[:, None].to(tl.int64) * width + col[None, :]
         tl.store(Y + out_offsets, y.to(Y.dtype.element_ty), mask=ok)
         tl.store(Stats + row, mean, mask=row_ok)
         tl.store(Stats + rows + row, rstd, mask=row_ok)
 
     @triton.jit
     def _layer_norm_backward(
-        X, DY, DX, W, Stats, Partial, DRes, DXCopy, rows, width, stride_x, stride_dy, stride_res,
+        X, DY, DX, W, Stats, Partial, DRes, DXCopy, B, H, rows, width, stride_x, stride_dy, stride_res,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_SUM: tl.constexpr,
-        HAS_COPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_COPY: tl.constexpr, NORMALIZED: tl.constexpr, REWRITE: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         program = tl.program_id(0)
         programs = tl.num_programs(0)
@@ -321,6 +336,8 @@ if triton is not None:
         col_ok = col < width
         if HAS_WEIGHT:
             w = tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)
+        if REWRITE and HAS_BIAS:
+            b = tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)
         # Partial sums kept as whole tiles and reduced over rows once, at the end: a reduction across the rows of a
         # tile (across warps) in every iteration held the kernel to a fraction of the memory bandwidth.
         grad_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
@@ -333,9 +350,17 @@ if triton is not None:
             row64 = row[:, None].to(tl.int64)
             x = tl.load(X + row64 * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(DY + row64 * stride_dy + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            mean = tl.load(Stats + row, mask=row_ok, other=0.0)
             rstd = tl.load(Stats + rows + row, mask=row_ok, other=0.0)
-            x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if NORMALIZED:
+                x_hat = x
+            else:
+                mean = tl.load(Stats + row, mask=row_ok, other=0.0)
+                x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if REWRITE:
+                h = x_hat * w[None, :] if HAS_WEIGHT else x_hat
+                if HAS_BIAS:
+                    h += b[None, :]
+                tl.store(H + row64 * width + col[None, :], h.to(H.dtype.element_ty), mask=ok)
             w_dy = dy * w[None, :] if HAS_WEIGHT else dy
             c1 = tl.sum(x_hat * w_dy, axis=1) / width
             c2 = tl.sum(w_dy, axis=1) / width

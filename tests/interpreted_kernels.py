@@ -146,6 +146,27 @@ def check_layer_norm() -> str:
                 assert rel(got, ref_grad) <= FP32_TOL, (name, rows, width, rel(got, ref_grad))
         assert rel(dres, res.sum(0)) <= FP32_TOL, ("residual sum", rel(dres, res.sum(0)))
         assert ulp_close(copy.float(), dx, torch.bfloat16), "dx copy"
+        # What the fused branches keep instead of the input: the normalised rows in fp16, from which the backward
+        # computes the same gradients (to fp16's rounding of x_hat) and writes the forward's output again.
+        x_hat = torch.empty(rows, width, dtype=torch.float16)
+        y2, stats2 = fused_norm.norm_forward(x.float(), weight, bias, 1e-5, out_dtype, x_hat=x_hat)
+        assert torch.equal(y2, y) and torch.equal(stats2, stats), "x_hat output changed the forward"
+        exact_hat = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        assert ulp_close(x_hat.float(), exact_hat, torch.float16), "x_hat"
+        again = torch.empty(rows, width, dtype=out_dtype)
+        dx2, dw2, db2, dres2 = fused_norm.norm_backward(
+            x_hat, dy.float(), weight, stats, affine, residual_grad=res.float(), residual_sum=True,
+            normalized=True, dx_dtype=torch.float32, bias=bias, output=again,
+        )
+        assert dx2.dtype == torch.float32 and torch.equal(dres2, dres), "normalized backward"
+        for got, ref_grad, name in zip([dx2, dw2, db2], [want[0] + res, *want[1:]], ["dx", "dw", "db"]):
+            if got is not None:  # fp16's rounding of x_hat (2^-11 relative): measured 2.5e-4 at most
+                assert rel(got, ref_grad) <= 1e-3, ("normalized " + name, rows, width, rel(got, ref_grad))
+        # Written again from fp16 x_hat: within one rounding to `out_dtype` plus fp16's rounding of x_hat, carried
+        # through the affine.
+        scaled = (exact_hat * w).abs() if affine else exact_hat.abs()
+        allowed = torch.finfo(out_dtype).eps * ref.detach().abs() + 2.0**-11 * scaled
+        assert ((again.double() - ref.detach()).abs() <= allowed * 1.01 + 1e-6).all(), "output written again"
     return f"worst {worst:.1e}"
 
 
@@ -233,6 +254,15 @@ def _grads(out, inputs, gy):
     return torch.autograd.grad(out, list(inputs), gy, allow_unused=True)
 
 
+def _keeps_no_input_copy(y, x, module) -> None:
+    """A fused branch keeps its input as the fp16 normalised rows, and no fp32 copy of it (the branches here compute
+    in bf16: their other activations of that size are bf16; `module`'s parameters are not activations)."""
+    params = {p.data_ptr() for p in module.parameters()}
+    kept = [t.dtype for t in y.grad_fn.saved_tensors
+            if t is not None and t.numel() == x.numel() and t.data_ptr() not in params]
+    assert kept.count(torch.float16) == 1 and torch.float32 not in kept, kept
+
+
 def _against_reference(y, ref, named) -> tuple[float, tuple]:
     """A branch's output `y` and the gradients of its `(name, input)` pairs against its fp32 reference `ref`, for one
     random output gradient: the worst relative error, and the branch's gradients."""
@@ -268,6 +298,7 @@ def check_mlp_branch() -> str:
                                          mlp.fc2.bias, norm.eps, gate, residual, copies)
         ref = mlp(norm(x)) + (x if residual else 0)
         named = [("x", x), *norm.named_parameters(prefix="norm"), *mlp.named_parameters(prefix="mlp")]
+        _keeps_no_input_copy(y, x, block)
         worst = max(worst, _against_reference(y, ref, named)[0])
     return f"worst {worst:.1e}"
 
@@ -287,6 +318,7 @@ def check_self_attention_branch() -> str:
         )
         ref = x + attn(norm(x))[0]
         named = [("x", x), *norm.named_parameters(prefix="norm"), *attn.named_parameters(prefix="attn")]
+        _keeps_no_input_copy(y, x, block)
         worst = max(worst, _against_reference(y, ref, named)[0])
     return f"worst {worst:.1e}"
 
@@ -306,6 +338,7 @@ def check_cross_attention_branch() -> str:
         context = CrossInput(x_in, None if mask is None else KeyPaddingMask.from_mask(mask))
         y = fused_block.cross_attention_branch(norm, attn, x, context, cn, torch.bfloat16, residual)
         ref = attn(norm(x), CrossInput(x_in, context.mask), input_norm=cn)[0] + (x if residual else 0)
+        _keeps_no_input_copy(y, x, block)
         error, got = _against_reference(y, ref, [("x", x), ("x_in", x_in), *block.named_parameters()])
         worst = max(worst, error)
         if masked:  # exactly: no padded token (nor any token of the sample without keys) reaches the output

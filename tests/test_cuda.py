@@ -582,7 +582,8 @@ def test_column_sum_matches_torch_sum(rows, cols, dtype):
 
 def test_fused_mlp_branch_keeps_no_activation_output():
     """The fused MLP branch saves its first projection's output for backward, not the activation's output (the
-    backward kernel writes that again): one `(rows, hidden)` tensor less per MLP."""
+    backward kernel writes that again): one `(rows, hidden)` tensor less per MLP. Of its input it saves the fp16
+    normalised rows, neither the fp32 input nor the norm's bf16 output."""
     from hf_flash_perceiver.fused_block import fused_branches, mlp_branch
 
     cfg = small_config(latent_dim=128, num_latents=32, cross_head_dim=64, latent_head_dim=64, latent_heads=2,
@@ -594,13 +595,15 @@ def test_fused_mlp_branch_keeps_no_activation_output():
     saved = []
 
     def pack(t):
-        saved.append(tuple(t.shape))
+        saved.append((tuple(t.shape), t.dtype))
         return t
 
     with fused_branches(True), torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = mlp_branch(block.norm2, block.mlp, x, torch.bfloat16, residual=True)
-    assert (64, block.mlp.fc1.out_features) in saved and (64, hidden) not in saved, saved
+    shapes = [shape for shape, _ in saved]
+    assert (64, block.mlp.fc1.out_features) in shapes and (64, hidden) not in shapes, saved
+    assert [dtype for shape, dtype in saved if shape == (64, cfg.latent_dim)] == [torch.float16], saved
     y.float().square().mean().backward()
     assert block.mlp.fc2.weight.grad is not None and torch.isfinite(block.mlp.fc2.weight.grad).all()
 
