@@ -28,12 +28,13 @@ autograd node replaying them), with what an automatic use needs on top:
 - capture errors are thread-local: a data loader's pinning thread may call CUDA meanwhile.
 
 What is captured is the eager encoder: same modules, same kernels, the same values up to the nondeterminism the
-kernels already have, except that replays run the fused residual branches (`fuse_branches`). Padding masks are inputs
-of the graph like the tokens (their values change from call to call, their shapes do not). Calls that record outputs
-(attention maps, hidden states), carry zero tokens, context parallel shards, chunked cross-attention or activation
-checkpointing, run under `torch.compile`, off CUDA, with a backend other than `sdpa`, or on modules with hooks (FSDP,
-offloading, user hooks; transformers' inactive output recorders excepted), modules of other packages (a PEFT
-wrapper), or under a dispatch mode, saved-tensor hooks or anomaly detection, are never captured and run eagerly.
+kernels already have, except that replays run the fused residual branches (`fuse_branches`), as do the eager calls
+leading up to a capture where those branches have the work to pay for their launches (`_warm_up`). Padding masks are
+inputs of the graph like the tokens (their values change from call to call, their shapes do not). Calls that record
+outputs (attention maps, hidden states), carry zero tokens, context parallel shards, chunked cross-attention or
+activation checkpointing, run under `torch.compile`, off CUDA, with a backend other than `sdpa`, or on modules with
+hooks (FSDP, offloading, user hooks; transformers' inactive output recorders excepted), modules of other packages (a
+PEFT wrapper), or under a dispatch mode, saved-tensor hooks or anomaly detection, are never captured and run eagerly.
 """
 
 from __future__ import annotations
@@ -359,8 +360,9 @@ def run_encoder(
     attn_implementation: str,
 ) -> Tensor | None:
     """`run(latents, *tensors)` through a captured graph when this call's signature has one (capturing it when the
-    signature has repeated), else None: the caller then runs the encoder eagerly. `tensors` are the other inputs
-    (tokens, mask tensors), `structure` how `run` assembles them: part of the signature."""
+    signature has repeated), or eagerly here when the call may lead up to a capture (see `_warm_up`), else None: the
+    caller then runs the encoder eagerly. `tensors` are the other inputs (tokens, mask tensors), `structure` how `run`
+    assembles them: part of the signature."""
     global _capture_failed
     if not active() or torch.compiler.is_compiling() or not latents.is_cuda:
         return None
@@ -382,7 +384,7 @@ def run_encoder(
         state.streak = state.streak + 1 if key == state.last_key else 1
         state.last_key = key
         if state.streak <= WARMUP_CALLS:
-            return None
+            return _warm_up(run, inputs)
         state.captures += 1
         try:
             with torch.cuda.device(latents.device):  # its side stream, memory checks and pool on the inputs' device
@@ -409,6 +411,22 @@ def run_encoder(
             state.graphs.popitem(last=False)
     state.graphs.move_to_end(key)
     return captured.replay(inputs, state)
+
+
+def _warm_up(run: Callable[..., Tensor], inputs: Sequence[Tensor]) -> Tensor | None:
+    """An eager call of a signature that may be captured, run with the fused branches where they have the work to pay
+    for their host time (`fused_branches("auto")`); None (the caller runs the module path) where the capture would
+    not fuse them either, or the user's own setting of `fused_block.enabled` applies.
+
+    These calls, not the capture, would otherwise set a training run's peak memory: the module path keeps the fp32
+    residual stream and the norms' outputs from forward to backward, where the fused branches that the capture and
+    its replays run keep fp16 normalised rows. "auto", not every branch: a call of a signature that never repeats
+    runs here too, and on small latent arrays the fused branches' Python launches cost more host time than the
+    module path."""
+    if not fuse_branches or _switches()[0]:
+        return None
+    with fused_branches("auto"):
+        return run(*inputs)
 
 
 def reset(encoder: nn.Module | None = None) -> None:

@@ -100,3 +100,27 @@ def test_interposed_machinery_is_seen():
     with torch.autograd.detect_anomaly(check_nan=False):
         assert encoder_graphs._interposed()
     assert not encoder_graphs._interposed()
+
+
+def test_calls_before_a_capture_fuse_where_auto_would(monkeypatch):
+    """The eager calls that lead up to a capture run what the capture runs where it pays: the fused branches under
+    `fused_branches("auto")` (the setting is read inside the call); never where captures do not fuse, nor over the
+    user's own setting. What they compute on a GPU is checked by test_encoder_graphs.py."""
+    from hf_flash_perceiver import fused_block
+
+    seen = []
+
+    def run(*inputs):
+        seen.append((fused_block.enabled, len(inputs)))
+        return inputs[0]
+
+    x = torch.zeros(2, 3)
+    monkeypatch.setattr(encoder_graphs, "fuse_branches", True)
+    assert encoder_graphs._warm_up(run, [x, x]) is x
+    assert seen == [("auto", 2)] and fused_block.enabled is False  # restored after the call
+    monkeypatch.setattr(encoder_graphs, "fuse_branches", False)
+    assert encoder_graphs._warm_up(run, [x]) is None
+    monkeypatch.setattr(encoder_graphs, "fuse_branches", True)
+    with fused_block.fused_branches(True):
+        assert encoder_graphs._warm_up(run, [x]) is None
+    assert len(seen) == 1

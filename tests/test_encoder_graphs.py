@@ -4,6 +4,7 @@ eagerly. Run with `pytest -m cuda`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -339,6 +340,44 @@ def test_replay_runs_the_fused_branches(monkeypatch):
     out, grads = train_step(model, x)
     assert rel_err(out, want_out) <= REPLAY_REL_TOL
     assert_grads_close(grads, want_grads)
+    encoder_graphs.reset()
+
+
+def test_calls_before_a_capture_run_the_fused_branches_where_they_pay(monkeypatch):
+    """The eager calls leading up to a capture run the fused branches where `fused_branches("auto")` takes them: not
+    at this small model's size (the module path, as before), every branch with the work threshold at zero, and then
+    with the values of those branches run eagerly; the capture after them replays as usual."""
+    from hf_flash_perceiver import fused_block
+    from hf_flash_perceiver.fused_block import fused_branches
+
+    fused_calls = [0]
+    original = fused_block._MLPBranch.forward
+
+    def counted(ctx, *args):
+        fused_calls[0] += 1
+        return original(ctx, *args)
+
+    monkeypatch.setattr(fused_block._MLPBranch, "forward", staticmethod(counted))
+    x = torch.randn(4, 100, 24, device="cuda")
+    for min_work, fused in [(fused_block.MIN_WORK, False), (0, True)]:
+        monkeypatch.setattr(fused_block, "MIN_WORK", min_work)
+        encoder_graphs.reset()
+        model = build(graph_config(), "sdpa", 0).cuda().train()
+        encoder_graphs.enabled = False
+        try:
+            with fused_branches(True) if fused else contextlib.nullcontext():
+                want_out, want_grads = train_step(model, x)
+        finally:
+            encoder_graphs.enabled = True
+        fused_calls[0] = 0
+        for _ in range(encoder_graphs.WARMUP_CALLS):
+            out, grads = train_step(model, x)
+        assert captured(model) == 0
+        assert (fused_calls[0] > 0) == fused, (min_work, fused_calls[0])
+        assert rel_err(out, want_out) <= REPLAY_REL_TOL
+        assert_grads_close(grads, want_grads)
+        train_step(model, x)  # captures
+        assert captured(model) == 1
     encoder_graphs.reset()
 
 
