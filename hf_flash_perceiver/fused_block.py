@@ -46,7 +46,7 @@ from .fused_norm import (
     triton,
     unfold_affine_grads,
 )
-from .weight_cast import cast_tensors, plain, shared_copies
+from .weight_cast import BackwardCopies, cast_tensors, plain, shared_copies
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
 # module path everywhere. Read in each forward; `fused_branches(...)` below sets it for a block of code.
@@ -311,11 +311,27 @@ def _input_grad(ctx, x_hat: Tensor, dh: Tensor, ln_w: Tensor | None, ln_b: Tenso
     return dx, d_ln_w, d_ln_b, row_sum, h
 
 
+def _keep_weights(ctx, recast: BackwardCopies | None, weights: tuple[Tensor, ...],
+                  copies: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """What a branch saves of the compute-dtype `copies` of `weights` for backward: the copies, or nothing where
+    `recast` converts the weights again in backward (those are saved anyway, for their gradients' dtype)."""
+    ctx.recast = recast
+    if recast is None:
+        return copies
+    ctx.recast_part = recast.add(*weights)
+    return (None,) * len(copies)
+
+
+def _weights(ctx, *saved: Tensor | None) -> tuple[Tensor, ...]:
+    """The weight copies a branch's backward reads: those it saved, or those converted again now."""
+    return tuple(saved) if ctx.recast is None else tuple(ctx.recast.take(ctx.recast_part))
+
+
 class _SelfAttentionBranch(torch.autograd.Function):
     """`x + o_proj(attention(qkv_proj(LN(x))))` for `x (batch, len, dim)`."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dropout, copies):
+    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dropout, copies, recast):
         batch, length, _ = x.shape
         x2 = _rows(x)
         w_qkv_c, b_qkv_c, w_o_c, _ = copies  # o_proj's bias enters in fp32, with the residual add
@@ -326,6 +342,7 @@ class _SelfAttentionBranch(torch.autograd.Function):
         out, lse, aux = _attention_forward(q, k, v, scale, dropout)
         a = out.transpose(1, 2).reshape(batch * length, heads * head_dim)
         y = _residual_add(x2, a, w_o_c, b_o)
+        w_qkv_c, w_o_c = _keep_weights(ctx, recast, (w_qkv, w_o), (w_qkv_c, w_o_c))
         ctx.save_for_backward(x_hat, ln_w, ln_b, stats, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o)
         ctx.aux, ctx.scale, ctx.dropout, ctx.shape = aux, scale, dropout, x.shape
         ctx.hand_on = _takes_branch_output(x)
@@ -335,6 +352,7 @@ class _SelfAttentionBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x_hat, ln_w, ln_b, stats, w_qkv_c, qkv, out, lse, a, w_o_c, w_qkv, w_o = ctx.saved_tensors
+        w_qkv_c, w_o_c = _weights(ctx, w_qkv_c, w_o_c)
         need = ctx.needs_input_grad
         batch, length, _ = ctx.shape
         heads, head_dim = out.shape[1], out.shape[3]
@@ -351,7 +369,7 @@ class _SelfAttentionBranch(torch.autograd.Function):
                                                   need[6] and ctx.has_o_bias, do.dtype, need[3])
         _, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv.dtype, False, need[3],
                                              need[4] and ctx.has_qkv_bias)
-        return (dx, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 5
+        return (dx, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 6
 
 
 class _CrossAttentionBranch(torch.autograd.Function):
@@ -361,7 +379,7 @@ class _CrossAttentionBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, w_q, b_q, w_kv, b_kv, cn_w, cn_b, w_o, b_o, x_in, key_bias, has_keys, eps, heads,
-                head_dim, dropout, residual, flash, copies):
+                head_dim, dropout, residual, flash, copies, recast):
         batch, length, _ = x.shape
         kv_len = x_in.shape[1]
         x2, x_in2 = _rows(x), _rows(x_in)
@@ -381,6 +399,8 @@ class _CrossAttentionBranch(torch.autograd.Function):
             a = torch.where(has_keys.view(-1, 1, 1), a, 0.0)
         a = a.view(batch * length, -1)
         y = _residual_add(x2, a, w_o_c, b_o) if residual else _linear(a, w_o_c, b_o_c).to(x.dtype)
+        # The folded key/value weights stay saved: converting them again would mean folding them again.
+        w_q_c, w_o_c = _keep_weights(ctx, recast, (w_q, w_o), (w_q_c, w_o_c))
         ctx.save_for_backward(x_hat, ln_w, ln_b, stats, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c,
                               key_bias, has_keys, cn_w, cn_b, w_kv, w_q, w_o)
         ctx.aux, ctx.scale, ctx.dropout, ctx.residual = aux, scale, dropout, residual
@@ -394,6 +414,7 @@ class _CrossAttentionBranch(torch.autograd.Function):
     def backward(ctx, dy):
         (x_hat, ln_w, ln_b, stats, w_q_c, q_rows, x_in2, w_kv_c, kv, out, lse, a, w_o_c, key_bias, has_keys, cn_w,
          cn_b, w_kv, w_q, w_o) = ctx.saved_tensors
+        w_q_c, w_o_c = _weights(ctx, w_q_c, w_o_c)
         need = ctx.needs_input_grad
         batch, length, _ = ctx.shape
         kv_len, heads = ctx.in_shape[1], ctx.heads
@@ -434,14 +455,14 @@ class _CrossAttentionBranch(torch.autograd.Function):
         if sum_in_norm:
             db_o = db_o_sum
         d_in = None if d_in is None else d_in.view(ctx.in_shape)
-        return (dx, d_ln_w, d_ln_b, dw_q, db_q, dw_kv, db_kv, d_cn_w, d_cn_b, dw_o, db_o, d_in) + (None,) * 9
+        return (dx, d_ln_w, d_ln_b, dw_q, db_q, dw_kv, db_kv, d_cn_w, d_cn_b, dw_o, db_o, d_in) + (None,) * 10
 
 
 class _MLPBranch(torch.autograd.Function):
     """`x + fc2(act(fc1(LN(x))))` (without the `x +` when `residual` is off), gated or not."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, copies):
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, copies, recast):
         x2 = _rows(x)
         w1_c, b1_c, w2_c, b2_c = copies
         h, x_hat, stats = _normalize(ctx, x2, ln_w, ln_b, eps, w1_c.dtype)
@@ -449,6 +470,7 @@ class _MLPBranch(torch.autograd.Function):
         act = activation_forward(pre, gate)
         y = _residual_add(x2, act, w2_c, b2) if residual else _linear(act, w2_c, b2_c).to(x.dtype)
         # Not `act`: the activation's backward kernel writes it again (the MLP's widest activation, not kept).
+        w1_c, w2_c = _keep_weights(ctx, recast, (w1, w2), (w1_c, w2_c))
         ctx.save_for_backward(x_hat, ln_w, ln_b, stats, w1_c, pre, w2_c, w1, w2)
         ctx.gate, ctx.residual, ctx.shape = gate, residual, x.shape
         ctx.hand_on = _takes_branch_output(x)
@@ -458,6 +480,7 @@ class _MLPBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x_hat, ln_w, ln_b, stats, w1_c, pre, w2_c, w1, w2 = ctx.saved_tensors
+        w1_c, w2_c = _weights(ctx, w1_c, w2_c)
         need = ctx.needs_input_grad
         dy2 = _rows(dy)
         do = _half_grad(dy, dy2, w2_c.dtype)
@@ -474,7 +497,7 @@ class _MLPBranch(torch.autograd.Function):
         _, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1.dtype, False, need[3], need[4] and ctx.has_b1)
         if sum_in_norm:
             db2 = db2_sum
-        return (dx, d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 4
+        return (dx, d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 5
 
 
 _BRANCH_BACKWARDS = frozenset(f._backward_cls for f in (_SelfAttentionBranch, _CrossAttentionBranch, _MLPBranch))
@@ -482,21 +505,24 @@ _BRANCH_BACKWARDS = frozenset(f._backward_cls for f in (_SelfAttentionBranch, _C
 
 # The branches' weights in the compute dtype are converted here, outside the autograd nodes (whose forward runs
 # without grad): with grad on, a forward's copies are shared, and the encoder converts them all at once
-# (weight_cast.shared_copies). They enter the nodes inside a tuple, which autograd does not track.
+# (weight_cast.shared_copies). They enter the nodes inside a tuple, which autograd does not track. Given `recast` (a
+# block's `BackwardCopies`), a branch keeps none of them for backward, which converts them again.
 
 
-def self_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+def self_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, dtype: torch.dtype,
+                          recast: BackwardCopies | None = None) -> Tensor:
     """`x + attn(norm(x))` for a [`PerceiverSelfAttention`] that [`self_attention_fits`]."""
     qkv, o = attn.qkv_proj, attn.o_proj
     copies = tuple(shared_copies(dtype, qkv.weight, qkv.bias, o.weight, o.bias))
     return _SelfAttentionBranch.apply(
         x, norm.weight, norm.bias, qkv.weight, qkv.bias, o.weight, o.bias, norm.eps, attn.num_heads, attn.head_dim,
-        attn.spec.dropout if attn.training else 0.0, copies,
+        attn.spec.dropout if attn.training else 0.0, copies, recast,
     )
 
 
 def cross_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, context: CrossInput,
-                           context_norm: nn.LayerNorm | None, dtype: torch.dtype, residual: bool) -> Tensor:
+                           context_norm: nn.LayerNorm | None, dtype: torch.dtype, residual: bool,
+                           recast: BackwardCopies | None = None) -> Tensor:
     """`x + attn(norm(x), context)` (`attn(...)` alone without `residual`) for a [`PerceiverCrossAttention`] that
     [`cross_attention_fits`] over a `context` that [`cross_input_fits`]."""
     x_in = context.materialize() if context_norm is None else context.normalized(context_norm.eps)
@@ -511,17 +537,18 @@ def cross_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, conte
         x, norm.weight, norm.bias, q.weight, q.bias, kv.weight, kv.bias, cn_w, cn_b, o.weight, o.bias, x_in,
         None if mask is None else mask.key_bias(dtype), None if mask is None else mask.has_keys, norm.eps,
         attn.num_heads, attn.head_dim, attn.spec.dropout if attn.training else 0.0, residual, flash,
-        tuple(shared_copies(dtype, q.weight, q.bias, o.weight, o.bias)),
+        tuple(shared_copies(dtype, q.weight, q.bias, o.weight, o.bias)), recast,
     )
 
 
-def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype, residual: bool) -> Tensor:
+def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype, residual: bool,
+               recast: BackwardCopies | None = None) -> Tensor:
     """`x + mlp(norm(x))` (`mlp(norm(x))` without `residual`) for a [`PerceiverMLP`] that [`mlp_fits`]."""
     gate = mlp.gate_activation_name if mlp.gated else None
     fc1, fc2 = mlp.fc1, mlp.fc2
     return _MLPBranch.apply(
         x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, norm.eps, gate, residual,
-        tuple(shared_copies(dtype, fc1.weight, fc1.bias, fc2.weight, fc2.bias)),
+        tuple(shared_copies(dtype, fc1.weight, fc1.bias, fc2.weight, fc2.bias)), recast,
     )
 
 

@@ -26,7 +26,7 @@ from .fused_block import (
     self_attention_fits,
 )
 from .fused_norm import FusedLayerNorm
-from .weight_cast import cast_projections, converted, plain, project, unshared
+from .weight_cast import BackwardCopies, cast_projections, converted, plain, project, unshared
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -471,12 +471,15 @@ class PerceiverBlock(GradientCheckpointingLayer):
         computed = None
         if context is not None and linears and not fuse_attn:
             computed = self.attn.input_projection(context, self.context_norm)
+        # The fused branches' weight copies are converted again in backward, for the block's branches together.
+        recast = BackwardCopies(fused) if (fuse_attn or fuse_mlp) and torch.is_grad_enabled() else None
         with unshared() if checkpointed else nullcontext(), cast_projections(linears, hidden_states, computed):
             if fuse_attn and context is None:
-                hidden_states, weights = self_attention_branch(self.norm1, self.attn, hidden_states, fused), None
+                hidden_states = self_attention_branch(self.norm1, self.attn, hidden_states, fused, recast)
+                weights = None
             elif fuse_attn:
                 hidden_states, weights = cross_attention_branch(
-                    self.norm1, self.attn, hidden_states, context, self.context_norm, fused, self.attn_residual
+                    self.norm1, self.attn, hidden_states, context, self.context_norm, fused, self.attn_residual, recast
                 ), None
             else:
                 if context is None:
@@ -487,6 +490,6 @@ class PerceiverBlock(GradientCheckpointingLayer):
                     )
                 hidden_states = hidden_states + attn_out if self.attn_residual else attn_out
             if fuse_mlp:
-                return mlp_branch(self.norm2, self.mlp, hidden_states, fused, self.mlp_residual), weights
+                return mlp_branch(self.norm2, self.mlp, hidden_states, fused, self.mlp_residual, recast), weights
             mlp_out = self.mlp(self.norm2(hidden_states))
         return (hidden_states + mlp_out if self.mlp_residual else mlp_out), weights

@@ -91,6 +91,37 @@ def prefetch_copies(dtype: torch.dtype | None, tensors: Iterable[Tensor]) -> Non
     store.update((id(t), (t, c)) for t, c in zip(todo, cast_tensors(dtype, *todo)))
 
 
+class BackwardCopies:
+    """The half-precision weight copies that one block's fused branches (fused_block.py) read in their backward,
+    converted there again rather than kept from forward to backward: all of the block's by one multi-tensor copy when
+    the first of its branches' backwards asks, dropped once each branch has taken its own. Kept, every block's copies
+    (half the size of the fp32 weights) would be alive at the start of the backward, where the activations peak."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._sources: list[Tensor] = []
+        self._copies: list[Tensor | None] | None = None
+        self._waiting = 0
+
+    def add(self, *weights: Tensor) -> slice:
+        """Register one branch's `weights`; its backward takes their copies with the returned slice."""
+        start = len(self._sources)
+        self._sources.extend(weights)
+        self._waiting += 1
+        return slice(start, len(self._sources))
+
+    def take(self, part: slice) -> list[Tensor | None]:
+        """The copies of the weights registered as `part`, converted (with the block's others) on first use. A
+        second backward through the same graph (`retain_graph`) converts them again."""
+        if self._copies is None:
+            self._copies = cast_tensors(self.dtype, *self._sources)
+        copies = self._copies[part]
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self._copies = None
+        return copies
+
+
 class _CastParameters(torch.autograd.Function):
     """Differentiable [`cast_tensors`]: the gradients of the copies come back in each input's dtype, converted
     together as well."""
@@ -232,6 +263,6 @@ def project(linear: nn.Module, x: Tensor) -> Tensor:
 
 
 __all__ = [
-    "cast_projections", "cast_tensors", "converted", "enabled", "plain", "prefetch_copies", "project", "shared_casts",
-    "shared_copies", "unshared",
+    "BackwardCopies", "cast_projections", "cast_tensors", "converted", "enabled", "plain", "prefetch_copies", "project",
+    "shared_casts", "shared_copies", "unshared",
 ]

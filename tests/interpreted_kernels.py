@@ -295,7 +295,7 @@ def check_mlp_branch() -> str:
         copies = tuple(fused_block.cast_tensors(torch.bfloat16, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
                                                 mlp.fc2.bias))
         y = fused_block._MLPBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                         mlp.fc2.bias, norm.eps, gate, residual, copies)
+                                         mlp.fc2.bias, norm.eps, gate, residual, copies, None)
         ref = mlp(norm(x)) + (x if residual else 0)
         named = [("x", x), *norm.named_parameters(prefix="norm"), *mlp.named_parameters(prefix="mlp")]
         _keeps_no_input_copy(y, x, block)
@@ -314,7 +314,7 @@ def check_self_attention_branch() -> str:
                                                 attn.o_proj.weight, attn.o_proj.bias))
         y = fused_block._SelfAttentionBranch.apply(
             x, norm.weight, norm.bias, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
-            norm.eps, heads, head_dim, 0.0, copies,
+            norm.eps, heads, head_dim, 0.0, copies, None,
         )
         ref = x + attn(norm(x))[0]
         named = [("x", x), *norm.named_parameters(prefix="norm"), *attn.named_parameters(prefix="attn")]
@@ -344,6 +344,53 @@ def check_cross_attention_branch() -> str:
         if masked:  # exactly: no padded token (nor any token of the sample without keys) reaches the output
             assert not got[1][~mask].any() and not got[1][3].any(), "padded tokens took a gradient"
     return f"worst {worst:.1e}"
+
+
+def check_backward_copies() -> str:
+    """A block's fused branches given its `BackwardCopies` (as `PerceiverBlock` runs them) keep no half-precision
+    weight copy for backward: the backward converts the block's weights again, once for both branches, and drops
+    them after; the values are those of the branches that keep their copies (to fp32 rounding: the same conversion
+    of the same weights, through GEMMs on other buffers)."""
+    from hf_flash_perceiver import weight_cast
+
+    block = _block_model(7, latent_qkv_bias=True).encoder.self_layers[0][0]
+    params = [p for p in block.parameters()]
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    conversions = [0]
+    cast = weight_cast.cast_tensors
+
+    def counted(*args):
+        conversions[0] += 1
+        return cast(*args)
+
+    def step(recast):
+        y = fused_block.self_attention_branch(block.norm1, block.attn, x, torch.bfloat16, recast)
+        y = fused_block.mlp_branch(block.norm2, block.mlp, y, torch.bfloat16, True, recast)
+        return y, _grads(y, [x, *params], torch.ones_like(y))
+
+    want_y, want = step(None)
+    recast = weight_cast.BackwardCopies(torch.bfloat16)
+    weight_cast.cast_tensors = counted
+    try:
+        y = fused_block.self_attention_branch(block.norm1, block.attn, x, torch.bfloat16, recast)
+        y = fused_block.mlp_branch(block.norm2, block.mlp, y, torch.bfloat16, True, recast)
+        half = [t for node in (y.grad_fn, y.grad_fn.next_functions[0][0]) for t in node.saved_tensors
+                if t is not None and t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape[1] == 64
+                and t.shape[0] != x.shape[0] * x.shape[1]]
+        assert not half, [tuple(t.shape) for t in half]  # no (out, 64) weight copy kept
+        assert recast._copies is None
+        in_forward = conversions[0]  # the forward's own (one per branch here, outside an encoder's shared scope)
+        got = _grads(y, [x, *params], torch.ones_like(y))
+    finally:
+        weight_cast.cast_tensors = cast
+    assert conversions[0] == in_forward + 1 and recast._copies is None, (conversions, in_forward)
+    worst = rel(y, want_y)
+    assert worst <= FP32_TOL, ("output", worst)
+    for name, g, w in zip(["x", *(n for n, _ in block.named_parameters())], got, want):
+        if w is not None:
+            worst = max(worst, rel(g, w))
+            assert rel(g, w) <= FP32_TOL, (name, rel(g, w))
+    return f"one conversion in backward, worst {worst:.1e}"
 
 
 def check_fused_model() -> str:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 CHECKS = ["layer_norm", "column_sum", "activation", "fold_affine", "residual_add", "mlp_branch",
-          "self_attention_branch", "cross_attention_branch", "fused_model"]
+          "self_attention_branch", "cross_attention_branch", "backward_copies", "fused_model"]
 
 
 @pytest.fixture(scope="module")
