@@ -65,9 +65,14 @@ class PerceiverEncoder(nn.Module):
         with shared_casts():
             dtype = fused_dtype(latents)
             if dtype is not None:  # (no block runs a fused branch otherwise: nothing to collect)
-                blocks = dict.fromkeys(self.block_index(i) for i in range(len(contexts)))
-                layers = [layer for b in blocks for layer in (self.cross_layers[b], *self.self_layers[b])]
-                prefetch_copies(dtype, [t for layer in layers for t in layer.fused_weights(latents, **kwargs)])
+                # How many calls each layer gets in this forward: one conversion serves them all.
+                calls: dict[nn.Module, int] = {}
+                for b in (self.block_index(i) for i in range(len(contexts))):
+                    calls[self.cross_layers[b]] = calls.get(self.cross_layers[b], 0) + 1
+                    for layer in self.self_layers[b]:
+                        calls[layer] = calls.get(layer, 0) + self.config.latent_stack_repeats
+                prefetch_copies(dtype, {t: n for layer, n in calls.items()
+                                        for t in layer.fused_weights(latents, **kwargs)})
             for i, context in enumerate(contexts):
                 b = self.block_index(i)
                 x, _ = self.cross_layers[b](x, context, **kwargs)

@@ -26,7 +26,7 @@ from .fused_block import (
     self_attention_fits,
 )
 from .fused_norm import FusedLayerNorm
-from .weight_cast import BackwardCopies, cast_projections, converted, plain, project, unshared
+from .weight_cast import BackwardCopies, cast_projections, converted, converted_once, plain, project, unshared
 
 
 class PerceiverRotaryEmbedding(nn.Module):
@@ -471,8 +471,13 @@ class PerceiverBlock(GradientCheckpointingLayer):
         computed = None
         if context is not None and linears and not fuse_attn:
             computed = self.attn.input_projection(context, self.context_norm)
-        # The fused branches' weight copies are converted again in backward, for the block's branches together.
-        recast = BackwardCopies(fused) if (fuse_attn or fuse_mlp) and torch.is_grad_enabled() else None
+        # The fused branches' weight copies are converted again in backward, for the block's branches together, where
+        # this call is the only one reading them in this forward; a block called several times (a repeated latent
+        # stack, tied layers) keeps the one set that serves every call rather than convert it again for each.
+        recast = None
+        if (fuse_attn or fuse_mlp) and torch.is_grad_enabled():
+            weight = self.attn.o_proj.weight if fuse_attn else self.mlp.fc2.weight
+            recast = BackwardCopies(fused) if converted_once(fused, weight) else None
         with unshared() if checkpointed else nullcontext(), cast_projections(linears, hidden_states, computed):
             if fuse_attn and context is None:
                 hidden_states = self_attention_branch(self.norm1, self.attn, hidden_states, fused, recast)

@@ -8,10 +8,11 @@ kernels, and each costs host time. Here a block converts the weights of its proj
 back in the parameters' dtype. [`project`] then calls the projection on those copies; autocast leaves tensors
 already in its dtype alone, so the values are those of the modules under autocast (the same rounding of the same
 weights). Inside [`shared_casts`] (the encoder's forward) a projection that several blocks call (tied layers,
-repeated latent stacks) is converted once per forward, as autocast's own cache does. A projection whose weights are
-computed from parameters (the cross-attention's key/value projection with the input norm's affine folded in) is
-computed in the parameters' precision and converted by the same copy ([`cast_projections`]`(computed=...)`,
-read back with [`converted`]).
+repeated latent stacks) is converted once per forward, as autocast's own cache does; the fused branches of a block
+called once per forward convert theirs again in backward rather than keep them ([`BackwardCopies`]). A projection
+whose weights are computed from parameters (the cross-attention's key/value projection with the input norm's affine
+folded in) is computed in the parameters' precision and converted by the same copy
+([`cast_projections`]`(computed=...)`, read back with [`converted`]).
 
 Only where it computes the same function: autocast on, a half-precision autocast dtype, plain `nn.Linear` modules
 with parameters of another dtype and no hooks of their own (a PEFT-wrapped or hooked projection is called as a
@@ -79,16 +80,28 @@ def shared_copies(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | 
     return [None if t is None else store[id(t)][1] for t in tensors]
 
 
-def prefetch_copies(dtype: torch.dtype | None, tensors: Iterable[Tensor]) -> None:
+def prefetch_copies(dtype: torch.dtype | None, tensors: Iterable[Tensor] | Mapping[Tensor, int]) -> None:
     """Convert `tensors` to `dtype` by one multi-tensor copy and keep the copies for [`shared_copies`] in the
     enclosing [`shared_casts`] scope (a no-op outside one, without grad, or with `dtype` None): the encoder converts
-    every fused branch's weights of a forward together rather than one launch per branch."""
+    every fused branch's weights of a forward together rather than one launch per branch. Given as a mapping, each
+    tensor's value is the number of calls in this forward that will read its copy ([`converted_once`])."""
     store = None if dtype is None else _plain_store(dtype)
     if store is None:
         return
+    if isinstance(tensors, Mapping):
+        uses = store.setdefault("uses", {})
+        for t, n in tensors.items():
+            uses[id(t)] = uses.get(id(t), 0) + n
     todo = [t for t in dict.fromkeys(tensors, None) if id(t) not in store]
     # The source is kept beside its copy: while it lives, its id names no other tensor.
     store.update((id(t), (t, c)) for t, c in zip(todo, cast_tensors(dtype, *todo)))
+
+
+def converted_once(dtype: torch.dtype, weight: Tensor) -> bool:
+    """Whether `weight`'s copy in `dtype` serves a single call in this forward, as [`prefetch_copies`] was told (False
+    where it was not told: outside the encoder, or without grad)."""
+    store = _plain_store(dtype)
+    return store is not None and store.get("uses", {}).get(id(weight)) == 1
 
 
 class BackwardCopies:
@@ -263,6 +276,6 @@ def project(linear: nn.Module, x: Tensor) -> Tensor:
 
 
 __all__ = [
-    "BackwardCopies", "cast_projections", "cast_tensors", "converted", "enabled", "plain", "prefetch_copies", "project",
-    "shared_casts", "shared_copies", "unshared",
+    "BackwardCopies", "cast_projections", "cast_tensors", "converted", "converted_once", "enabled", "plain",
+    "prefetch_copies", "project", "shared_casts", "shared_copies", "unshared",
 ]

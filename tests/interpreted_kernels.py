@@ -421,14 +421,27 @@ def check_fused_model() -> str:
             return branch(*args, **kwargs)
         return run
 
+    recasts = []  # the blocks' BackwardCopies: (made, conversions in backward)
+
+    class CountedCopies(layers.BackwardCopies):
+        def __init__(self, dtype):
+            super().__init__(dtype)
+            self.conversions = 0
+            recasts.append(self)
+
+        def take(self, part):
+            self.conversions += self._copies is None
+            return super().take(part)
+
     def step(fused: bool, autocast: bool):
         saved = (layers.fused_dtype, encoder.fused_dtype, fused_block._half_grad, layers.self_attention_branch,
-                 layers.cross_attention_branch, layers.mlp_branch)
+                 layers.cross_attention_branch, layers.mlp_branch, layers.BackwardCopies)
         if fused:  # off CUDA no branch fuses: route every fitting branch, in float16
             layers.fused_dtype = encoder.fused_dtype = lambda t: torch.float16
             fused_block._half_grad = counted_half_grad
             layers.self_attention_branch, layers.cross_attention_branch, layers.mlp_branch = (
-                counting(b) for b in saved[3:])
+                counting(b) for b in saved[3:6])
+            layers.BackwardCopies = CountedCopies
         try:
             model.zero_grad(set_to_none=True)
             x.grad = None
@@ -437,7 +450,7 @@ def check_fused_model() -> str:
             out.float().square().mean().backward()
         finally:
             (layers.fused_dtype, encoder.fused_dtype, fused_block._half_grad, layers.self_attention_branch,
-             layers.cross_attention_branch, layers.mlp_branch) = saved
+             layers.cross_attention_branch, layers.mlp_branch, layers.BackwardCopies) = saved
         grads = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
         return out.detach().float(), grads
 
@@ -454,6 +467,9 @@ def check_fused_model() -> str:
     # takes its input from the branch before, so all but the last-run backward read a handed half copy.
     assert calls["branches"] == 2 * (1 + 2 * 2) * 2, calls
     assert calls["handed"] >= calls["branches"] - 2, calls
+    # The two cross-attention blocks, each called once, convert their weights again in backward, once each, and drop
+    # them; the self-attention blocks of the repeated stacks keep the copies that serve both repeats.
+    assert [r.conversions for r in recasts] == [1, 1] and all(r._copies is None for r in recasts), recasts
     closest = max(margin)
     return (f"output {rel(out, ref_out):.1e} (fp16 module path {rel(module_out, ref_out):.1e}); closest gradient "
             f"{closest[1]}: {closest[2]:.1e} against the module path's {closest[3]:.1e} ({closest[0]:.0%} of allowed)")

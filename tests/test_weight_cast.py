@@ -272,6 +272,39 @@ def test_shared_copies_prefetched_once_per_scope_with_grad():
     assert ops.ops["_foreach_copy_"] == 2 and a is not b
 
 
+def test_prefetch_counts_the_calls_reading_each_copy():
+    """Given a mapping, `prefetch_copies` records how many calls of the forward read each copy: `converted_once`
+    says which blocks may convert theirs again in backward (BackwardCopies) rather than keep it; outside the scope,
+    or for a tensor it was not told about, the answer is False (keep)."""
+    from hf_flash_perceiver.weight_cast import converted_once, prefetch_copies, shared_casts
+
+    once, twice, untold = (torch.randn(4, 4, requires_grad=True) for _ in range(3))
+    with shared_casts():
+        prefetch_copies(torch.bfloat16, {once: 1, twice: 2})
+        assert converted_once(torch.bfloat16, once)
+        assert not converted_once(torch.bfloat16, twice) and not converted_once(torch.bfloat16, untold)
+        assert not converted_once(torch.float16, once)
+    assert not converted_once(torch.bfloat16, once)
+
+
+def test_backward_copies_convert_once_per_block_and_drop():
+    """BackwardCopies: the registered weights of a block are converted by one call on the first `take`, each branch
+    gets its own part, and the copies are dropped once every branch has taken its part (a second backward through
+    the same graph converts again)."""
+    from hf_flash_perceiver.weight_cast import BackwardCopies
+
+    a, b, c = (torch.randn(3, 3) for _ in range(3))
+    copies = BackwardCopies(torch.bfloat16)
+    first, second = copies.add(a, b), copies.add(c)
+    assert copies._copies is None  # nothing converted in forward
+    got_second = copies.take(second)
+    assert copies._copies is not None and torch.equal(got_second[0], c.to(torch.bfloat16))
+    got_first = copies.take(first)
+    assert [t.dtype for t in got_first] == [torch.bfloat16] * 2 and torch.equal(got_first[1], b.to(torch.bfloat16))
+    assert copies._copies is None  # dropped after the last branch
+    assert torch.equal(copies.take(first)[0], a.to(torch.bfloat16)) and copies._copies is None
+
+
 def test_unshared_keeps_no_copies_inside_a_shared_scope():
     """`unshared()` (a block under activation checkpointing) hides the enclosing scope: copies made inside are not
     kept for the forward, and the scope's own copies are there again after it."""
