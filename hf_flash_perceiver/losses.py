@@ -1,5 +1,12 @@
 """Losses of the heads: sums over labelled items divided by the number of items, so that they stay exact under
-`Trainer`'s gradient accumulation (`num_items_in_batch`). Labels are validated against the problem type first."""
+`Trainer`'s gradient accumulation (`num_items_in_batch`). Labels are validated against the problem type first.
+
+Their values (class ids in range, multi-hot targets in [0, 1]) are checked on the device, and the host must read the
+answer: asked at the loss, that would make the host wait for the whole forward mid-step and leave the device idle
+while it then issues the loss and the backward. The heads ask before their forward instead ([`early_label_check`],
+[`early_token_check`]): the answer comes to the host behind the check alone, and the loss reads it there
+([`EarlyCheck`]).
+"""
 
 from __future__ import annotations
 
@@ -28,18 +35,79 @@ def _mean_over_items(loss_sum: Tensor, count: Tensor | int, num_items_in_batch: 
     return loss_sum / max(count, 1)
 
 
+class EarlyCheck:
+    """Whether any entry of a boolean tensor `bad` is set, asked of the device when made and read by [`failed`]. On
+    CUDA the answer travels to pinned host memory by a copy queued right behind the reduction, and [`failed`] waits on
+    that copy alone (an event), not on the work queued after it: made before a forward, read at its loss, it costs the
+    step no host wait. Elsewhere the answer is there at once."""
+
+    def __init__(self, bad: Tensor) -> None:
+        flag = bad.any()
+        self._event = None
+        if flag.is_cuda:
+            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._flag.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._flag = flag
+
+    def failed(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._flag)
+
+
+def _bad_class_ids(labels: Tensor, num_classes: int) -> Tensor:
+    return (labels != -100) & ((labels < 0) | (labels >= num_classes))
+
+
+def _bad_multi_hot(targets: Tensor) -> Tensor:
+    # `~(in range)` rather than `out of range`: NaN compares false both ways and must be refused too.
+    return ~((targets >= 0) & (targets <= 1))
+
+
+def early_label_check(config: PerceiverConfig, labels: Tensor | None) -> EarlyCheck | None:
+    """The value check of a classification head's `labels`, started before its forward: class ids for single-label
+    problems, the [0, 1] range for multi-label ones (the problem type inferred as [`classification_loss`] does). None
+    where there is nothing to start: no labels, regression, labels of a type the loss refuses anyway, or under
+    `torch.compile` (which checks nothing)."""
+    if labels is None or not isinstance(labels, Tensor) or torch.compiler.is_compiling():
+        return None
+    problem_type = config.problem_type or infer_problem_type(config.num_labels, labels)
+    if problem_type == "single_label_classification" and labels.dtype in INTEGER_DTYPES:
+        return EarlyCheck(_bad_class_ids(labels, config.num_labels))
+    if problem_type == "multi_label_classification" and labels.dtype != torch.bool and not labels.is_complex():
+        return EarlyCheck(_bad_multi_hot(labels.float()))
+    return None
+
+
+def early_token_check(labels: Tensor | None, attention_mask: Tensor | None, vocab_size: int) -> EarlyCheck | None:
+    """The value check of a masked-LM head's token-id `labels` (padded positions excluded, as [`masked_lm_loss`]
+    excludes them), started before its forward; None where there is nothing to start (see [`early_label_check`])."""
+    if (labels is None or not isinstance(labels, Tensor) or labels.dtype not in INTEGER_DTYPES
+            or torch.compiler.is_compiling()):
+        return None
+    ids = labels.long()
+    if isinstance(attention_mask, Tensor) and attention_mask.shape == labels.shape:
+        ids = ids.masked_fill(attention_mask.to(ids.device) == 0, -100)
+    return EarlyCheck(_bad_class_ids(ids, vocab_size))
+
+
 def class_id_loss(
-    logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None, what: str = "Class ids"
+    logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None, what: str = "Class ids",
+    early: EarlyCheck | None = None,
 ) -> Tensor:
     """Cross-entropy of `logits (n, num_classes)` against class ids `labels (n,)`; -100 marks ignored items.
 
     Ids out of range raise a `ValueError` here instead of an IndexError (CPU) or device-side assert (CUDA) in torch.
+    `early`, the same check started before the forward, answers in place of checking here.
     """
     num_classes = logits.shape[-1]
     valid = labels != -100
     if not torch.compiler.is_compiling():
-        bad = valid & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
+        if early.failed() if early is not None else bool(_bad_class_ids(labels, num_classes).any()):
+            bad = _bad_class_ids(labels, num_classes)
             raise ValueError(
                 f"{what} must be in [0, {num_classes}) or -100 (ignored), got {labels[bad].unique().tolist()[:10]}."
             )
@@ -57,13 +125,15 @@ def infer_problem_type(num_labels: int, labels: Tensor) -> str:
 
 
 def classification_loss(
-    config: PerceiverConfig, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None
+    config: PerceiverConfig, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None,
+    early: EarlyCheck | None = None,
 ) -> Tensor:
     """Loss by `config.problem_type` (inferred as transformers does), with labels validated against it.
 
     Single-label: cross-entropy over integer class ids `(batch,)`, -100 ignored. Multi-label: BCE-with-logits over
     float multi-hot `(batch, num_labels)`. Regression: MSE over float `(batch, num_labels)` (or `(batch,)` with one
     label). Every loss is a sum over items divided by `num_items_in_batch` when given (see `_mean_over_items`).
+    `early`: the labels' value check, started before the forward ([`early_label_check`]).
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"`labels` must be a tensor, got {type_name(labels)}.")
@@ -83,7 +153,7 @@ def classification_loss(
                 f"Single-label classification labels must be integer class ids (torch.long) of shape ({batch},), "
                 f"{got}. (Multi-label classification takes float multi-hot labels of shape ({batch}, {num_labels}).)"
             )
-        loss = class_id_loss(logits, labels.view(batch).long(), num_items_in_batch)
+        loss = class_id_loss(logits, labels.view(batch).long(), num_items_in_batch, early=early)
     else:
         if labels.dtype == torch.bool or labels.is_complex() or tuple(labels.shape) != (batch, num_labels):
             raise ValueError(
@@ -91,8 +161,9 @@ def classification_loss(
                 f"{got}."
             )
         targets = labels.float()
-        # `~(in range)` rather than `out of range`: NaN compares false both ways and must be refused too.
-        if not torch.compiler.is_compiling() and bool((~((targets >= 0) & (targets <= 1))).any()):
+        if not torch.compiler.is_compiling() and (
+            early.failed() if early is not None else bool(_bad_multi_hot(targets).any())
+        ):
             raise ValueError(
                 f"Multi-label classification labels must lie in [0, 1] (no NaN), got values in "
                 f"[{targets.min().item()}, {targets.max().item()}]"
@@ -150,9 +221,11 @@ def masked_lm_loss(
     labels: Tensor,
     attention_mask: Tensor | None = None,
     num_items_in_batch: Tensor | int | None = None,
+    early: EarlyCheck | None = None,
 ) -> Tensor:
     """Cross-entropy of `logits (batch, seq_len, vocab_size)` against token ids `labels (batch, seq_len)`; -100 and
-    padded positions (`attention_mask` 0) are ignored."""
+    padded positions (`attention_mask` 0) are ignored. `early`: the ids' value check, started before the forward
+    ([`early_token_check`])."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"`labels` must be a tensor, got {type_name(labels)}.")
     if labels.dtype not in INTEGER_DTYPES or tuple(labels.shape) != tuple(logits.shape[:2]):
@@ -163,7 +236,10 @@ def masked_lm_loss(
     labels = labels.long()
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask == 0, -100)
-    return class_id_loss(logits.flatten(0, 1), labels.flatten(), num_items_in_batch, "Masked-LM label ids")
+    return class_id_loss(logits.flatten(0, 1), labels.flatten(), num_items_in_batch, "Masked-LM label ids", early)
 
 
-__all__ = ["class_id_loss", "classification_loss", "dense_regression_loss", "infer_problem_type", "masked_lm_loss"]
+__all__ = [
+    "EarlyCheck", "class_id_loss", "classification_loss", "dense_regression_loss", "early_label_check",
+    "early_token_check", "infer_problem_type", "masked_lm_loss",
+]

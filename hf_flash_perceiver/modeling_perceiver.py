@@ -31,7 +31,15 @@ from .hub_perceiver import PerceiverHubMixin
 from .input_adapters import PerceiverFlowAdapter, PerceiverImageAdapter, PerceiverTextAdapter, image_adapter_width
 from .input_preparation import InputsType, MaskType, expand_tokens, prepare_inputs
 from .layers import PerceiverAttention, PerceiverBlock, PerceiverRotaryEmbedding
-from .losses import classification_loss, dense_regression_loss, flow_endpoint_error, masked_lm_loss
+from .losses import (
+    EarlyCheck,
+    classification_loss,
+    dense_regression_loss,
+    early_label_check,
+    early_token_check,
+    flow_endpoint_error,
+    masked_lm_loss,
+)
 
 
 @dataclass
@@ -384,9 +392,11 @@ class _ClassifierMixin:
         return self.head(latents)
 
     def _classify(self, enc: PerceiverModelOutput, labels: Tensor | None, num_items_in_batch,
-                  output_class: type[ModelOutput]) -> ModelOutput:
+                  output_class: type[ModelOutput], early: EarlyCheck | None) -> ModelOutput:
+        # `early`: the labels' value check, started before the forward (losses.early_label_check).
         logits = self.forward_head(enc.last_hidden_state)
-        loss = None if labels is None else classification_loss(self.config, logits, labels, num_items_in_batch)
+        loss = None if labels is None else classification_loss(self.config, logits, labels, num_items_in_batch,
+                                                               early)
         return output_class(loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions)
 
 
@@ -465,8 +475,9 @@ class PerceiverForSequenceClassification(_ClassifierMixin, PerceiverPreTrainedMo
             inputs = input_ids
         if inputs is None:
             raise ValueError(f"{type(self).__name__} needs `{self.main_input_name}`.")
+        early = early_label_check(self.config, labels)
         enc = self.forward_features(inputs, attention_mask, latents, **kwargs)
-        return self._classify(enc, labels, num_items_in_batch, SequenceClassifierOutput)
+        return self._classify(enc, labels, num_items_in_batch, SequenceClassifierOutput, early)
 
 
 class PerceiverForImageClassification(_ClassifierMixin, PerceiverPreTrainedModel):
@@ -520,8 +531,9 @@ class PerceiverForImageClassification(_ClassifierMixin, PerceiverPreTrainedModel
             latents, output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
             num_items_in_batch: as in [`PerceiverForSequenceClassification.forward`].
         """
+        early = early_label_check(self.config, labels)
         enc = self.forward_features(pixel_values, latents, **kwargs)
-        return self._classify(enc, labels, num_items_in_batch, ImageClassifierOutput)
+        return self._classify(enc, labels, num_items_in_batch, ImageClassifierOutput, early)
 
 
 class PerceiverIOForRegression(PerceiverIOModel):
@@ -648,9 +660,10 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
             latents, output_attentions, output_hidden_states, return_dict: as in [`PerceiverModel.forward`].
             num_items_in_batch: as in [`PerceiverForSequenceClassification.forward`].
         """
+        early = early_token_check(labels, attention_mask, self.lm_head.out_features)
         io = self.forward_features(input_ids, attention_mask, latents, **kwargs)
         logits = self.forward_head(io.logits, attention_mask)
-        loss = None if labels is None else masked_lm_loss(logits, labels, attention_mask, num_items_in_batch)
+        loss = None if labels is None else masked_lm_loss(logits, labels, attention_mask, num_items_in_batch, early)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=io.hidden_states, attentions=io.attentions)
 
 

@@ -930,3 +930,42 @@ def test_all_true_cuda_mask_is_kept_without_a_host_sync():
     contexts = prepare_inputs(cfg, cfg.input_dims, x, ones, torch.float32)
     assert all(c.mask is not None for c in contexts)
     torch.testing.assert_close(model(x, ones).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["sequence", "masked_lm"])
+def test_labelled_step_reads_the_label_check_without_a_host_sync(head):
+    """A training step with labels on the GPU makes no synchronising call once warm: the labels' value check runs
+    before the forward and its answer is read behind its own copy (losses.EarlyCheck: an event wait, which the sync
+    debug mode does not count), where a check at the loss (`bool(tensor)`) would wait for the whole forward. Bad
+    labels on the GPU are refused as on the CPU."""
+    from hf_flash_perceiver import PerceiverForMaskedLM, PerceiverForSequenceClassification, encoder_graphs
+    from heads_common import tiny
+
+    torch.manual_seed(0)
+    if head == "sequence":
+        model = PerceiverForSequenceClassification(tiny(input_dim=6, num_labels=5)).cuda().train()
+        inputs = dict(inputs=torch.randn(4, 50, 6, device="cuda"))
+        labels, bad = torch.tensor([0, 4, -100, 2], device="cuda"), torch.tensor([0, 5, 1, 2], device="cuda")
+    else:
+        model = PerceiverForMaskedLM(tiny()).cuda().train()
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
+        inputs, labels, bad = dict(input_ids=ids), ids, ids.masked_fill(ids == ids[0, 0], model.config.vocab_size)
+
+    def step(labels):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+
+    encoder_graphs.reset()
+    for _ in range(encoder_graphs.WARMUP_CALLS + 2):  # eager, then the capture, then a replay
+        step(labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"must be in \["):
+        step(bad)
+    encoder_graphs.reset()

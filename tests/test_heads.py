@@ -189,6 +189,43 @@ def test_bad_labels(num_labels, problem_type, labels, match):
     assert model.config.problem_type == problem_type
 
 
+def test_label_values_are_checked_before_the_forward(monkeypatch):
+    """Each head starts its labels' value check before the encoder runs (on CUDA the host then reads the answer at the
+    loss without waiting for the forward), and the loss reads that answer instead of checking again; bad values are
+    refused with the same error either way."""
+    from hf_flash_perceiver import losses
+    from hf_flash_perceiver.encoder import PerceiverEncoder
+
+    order = []
+    made, encoder_forward = losses.EarlyCheck.__init__, PerceiverEncoder.forward
+    monkeypatch.setattr(losses.EarlyCheck, "__init__", lambda self, bad: (order.append("check"), made(self, bad))[1])
+    monkeypatch.setattr(PerceiverEncoder, "forward",
+                        lambda self, *a, **k: (order.append("encoder"), encoder_forward(self, *a, **k))[1])
+    checks = []
+    bad_ids = losses._bad_class_ids
+    monkeypatch.setattr(losses, "_bad_class_ids", lambda *a: (checks.append(1), bad_ids(*a))[1])
+    torch.manual_seed(0)
+    mlm = PerceiverForMaskedLM(tiny())
+    ids = torch.randint(0, mlm.config.vocab_size, (2, 7))
+    cases = [
+        (_seq_model(3), dict(inputs=torch.randn(4, 5, 6)), torch.tensor([0, 2, -100, 1]), torch.tensor([0, 3, 1, 1])),
+        (_seq_model(3), dict(inputs=torch.randn(4, 5, 6)), torch.tensor([[1.0, 0, 1]] * 4),
+         torch.tensor([[1.0, 0, 2]] * 4)),
+        (PerceiverForImageClassification(tiny(num_labels=2)), dict(pixel_values=image_batch()), torch.tensor([0, 1, 1]),
+         torch.tensor([0, 1, 2])),
+        (mlm, dict(input_ids=ids, attention_mask=torch.ones(2, 7, dtype=torch.long)), ids,
+         ids.masked_fill(ids == ids[0, 0], 300)),
+    ]
+    for model, kwargs, good, bad in cases:
+        order.clear()
+        checks.clear()
+        assert model(**kwargs, labels=good).loss is not None
+        assert order == ["check", "encoder"], (type(model).__name__, order)
+        assert len(checks) <= 1  # the early check's own (class ids), none again at the loss
+        with pytest.raises(ValueError, match=r"must (be in|lie in) \["):
+            model(**kwargs, labels=bad)
+
+
 # ------------------------------------------------------------------ gradient accumulation
 
 
