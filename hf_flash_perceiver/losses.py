@@ -47,8 +47,9 @@ class EarlyCheck:
         if flag.is_cuda:
             self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._flag.copy_(flag, non_blocking=True)
+            # On the flag's device's stream, where the copy was queued (not necessarily the current device's).
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(flag.device))
         else:
             self._flag = flag
 
