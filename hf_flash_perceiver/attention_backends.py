@@ -19,8 +19,9 @@ Backends:
 - `"flash_attention_4"`: the optional `flash-attn-4` package (FlashAttention-4 CuTe-DSL kernels, `flash_attn.cute`),
   dense, or varlen on packed keys when masked.
 - Heads wider than the fused kernels take (over 256 channels, or not a multiple of 8) in half precision on CUDA run,
-  on every backend but eager, as two tensor-core GEMMs around a softmax (`gemm_attention`): SDPA's own choice for
-  them (its memory-efficient kernel, or fp32 math) is several times slower in backward.
+  on every backend but eager, as two tensor-core GEMMs around a softmax (`gemm_attention`; the softmax and its
+  dropout one Triton kernel each way, fused_softmax.py): SDPA's own choice for them (its memory-efficient kernel, or
+  fp32 math) is several times slower in backward.
 - `"eager"`: matmul + softmax in fp32; the reference, and the only backend that materialises attention weights.
   Asking for weights routes *that call* through it, whatever backend the model uses.
 """
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .fused_softmax import softmax_dropout
 
 
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
@@ -170,16 +173,12 @@ _HAS_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 def gemm_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: KeyPaddingMask | None, *, scale: float, dropout: float
 ) -> Tensor:
-    """Attention as two half-precision GEMMs around a softmax (fp32 inside the kernel, stored in half precision),
-    differentiated by autograd: for wide heads, where the scores matrix is cheap next to the head width and
-    tensor-core GEMMs beat every fused kernel that accepts the shape. Returns `(batch, q_len, heads, v_head_dim)`."""
+    """Attention as two half-precision GEMMs around a softmax ([`softmax_dropout`]: fp32 inside the kernel, stored
+    in half precision), differentiated by autograd: for wide heads, where the scores matrix is cheap next to the head
+    width and tensor-core GEMMs beat every fused kernel that accepts the shape. Returns `(batch, q_len, heads, v_head_dim)`."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    if mask is not None:
-        scores = scores.masked_fill(~mask.mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if dropout > 0:
-        probs = F.dropout(probs, p=dropout)
+    probs, _ = softmax_dropout(scores, None if mask is None else mask.mask, dropout)
     out = torch.matmul(probs, v).transpose(1, 2)
     return out if mask is None else mask.zero_empty_rows(out)
 

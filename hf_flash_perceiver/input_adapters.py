@@ -12,9 +12,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_perceiver import PerceiverConfig
+from .weight_cast import plain
 
 
 def fourier_features(positions: Tensor, num_bands: int, max_resolution: Sequence[float]) -> Tensor:
@@ -277,15 +279,23 @@ class PerceiverImageAdapter(nn.Module):
         if self.kind != "pixels":
             # Processors emit float32; a model loaded in bf16/fp16 takes the pixels in its own dtype.
             pixel_values = pixel_values.to(self.conv.weight.dtype)
-        if self.kind == "conv1x1":
-            features = self.conv(pixel_values)
-        elif self.kind == "conv":
-            padded = nn.functional.pad(pixel_values, (*CONV_PAD, *CONV_PAD))
-            features = self.max_pool(nn.functional.relu(self.batchnorm(self.conv(padded))))
+        if self.kind == "conv1x1" and plain(self.conv, nn.Conv2d):
+            # A 1x1 convolution is a Linear over the channels: computed channels-last, it writes the tokens
+            # contiguous, where the convolution's (batch, channels, rows * columns) output would be transposed by the
+            # concatenation below, an uncoalesced copy of the largest tensor of the step (and its backward as long).
+            grid = pixel_values.shape[-2:]
+            pixels = pixel_values.flatten(2).transpose(1, 2).contiguous()  # (batch, rows * columns, channels)
+            tokens = F.linear(pixels, self.conv.weight.flatten(1), self.conv.bias)
         else:
-            features = pixel_values
-        grid = features.shape[-2:]
-        tokens = features.flatten(2).transpose(1, 2)  # row-major over (rows, columns), channels last
+            if self.kind == "conv1x1":
+                features = self.conv(pixel_values)
+            elif self.kind == "conv":
+                padded = F.pad(pixel_values, (*CONV_PAD, *CONV_PAD))
+                features = self.max_pool(F.relu(self.batchnorm(self.conv(padded))))
+            else:
+                features = pixel_values
+            grid = features.shape[-2:]
+            tokens = features.flatten(2).transpose(1, 2)  # row-major over (rows, columns), channels last
         if self.position_embeddings is not None:
             positions = self.position_embeddings.weight.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         else:

@@ -26,6 +26,7 @@ from .fused_block import (
     self_attention_fits,
 )
 from .fused_norm import FusedLayerNorm
+from .fused_softmax import shared_key_value_attention
 from .weight_cast import BackwardCopies, cast_projections, converted, converted_once, plain, project, unshared
 
 
@@ -345,20 +346,18 @@ class PerceiverCrossAttention(PerceiverAttention):
         dv, width = self.v_head_dim, weight.shape[1]
         w_k, w_v = weight.split([heads * dk, heads * dv])
         q = torch.matmul(query.transpose(1, 2) * dk**-0.5, w_k.view(heads, dk, width))  # (batch, heads, n_q, width)
-        scores = torch.matmul(q.reshape(batch, heads * n_q, width), x.transpose(1, 2))
         mask = context.mask
-        if mask is not None:
-            scores = scores.masked_fill(~mask.mask[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
         dropout = self.spec.dropout if self.training else 0.0
-        if dropout > 0:
-            probs = F.dropout(probs, p=dropout)
-        mixed = torch.matmul(probs, x).view(batch, heads, n_q, width)
+        # The probabilities sum to 1 per row, except under dropout, where the value bias takes their sums.
+        mixed, sums = shared_key_value_attention(
+            q.reshape(batch, heads * n_q, width), x, None if mask is None else mask.mask, dropout,
+            row_sums=bias is not None and dropout > 0,
+        )
+        mixed = mixed.view(batch, heads, n_q, width)
         out = torch.matmul(mixed, w_v.view(heads, dv, width).transpose(1, 2))  # (batch, heads, n_q, dv)
         if bias is not None:
             b_v = bias[heads * dk:].view(heads, 1, dv).to(out.dtype)
-            # The probabilities sum to 1 per row, except under dropout.
-            out = out + (b_v if dropout == 0 else b_v * probs.sum(-1).view(batch, heads, n_q, 1).to(out.dtype))
+            out = out + (b_v if sums is None else b_v * sums.view(batch, heads, n_q, 1).to(out.dtype))
         out = out.transpose(1, 2)
         return out if mask is None else mask.zero_empty_rows(out)
 

@@ -206,6 +206,109 @@ def check_activation() -> str:
     return "gelu, gated gelu / silu / sigmoid"
 
 
+def check_softmax_dropout() -> str:
+    """The wide-head attention's softmax (fused_softmax.py): rows longer than one loop step, shorter, and of 3 keys
+    (shorter than the smallest step), a key mask with a fully padded tail, dropout on and off, row sums on and off.
+
+    - Probabilities (the undropped ones, kept for backward) within one ulp of the fp64 softmax.
+    - Under dropout each entry is 0 or the kept probability scaled by 1/(1-p), and about p of the valid entries are
+      dropped; masked keys get nothing.
+    - Row sums: those of the returned entries before their rounding to bf16, to fp32 rounding.
+    - Gradients (of the probabilities and of the row sums): within one ulp of the kernel's formula evaluated in fp64
+      from the bf16 tensors it keeps; and, for rows of 64 keys and more, within 1e-2 relative of autograd of the fp64
+      expression with the same dropout mask (worst measured 6.7e-3: the interpreter's conversions to bf16 truncate;
+      the GPU test, rounding to nearest, allows 6e-3)."""
+    from hf_flash_perceiver import fused_softmax
+
+    gen = torch.Generator().manual_seed(11)
+    worst = 0.0
+    for batch, rows, n, masked, p, sums in [(2, 3, 5000, True, 0.25, True), (3, 2, 300, False, 0.0, False),
+                                            (2, 4, 70, True, 0.0, True), (1, 2, 9000, False, 0.1, False),
+                                            (8, 50, 3, False, 0.25, True)]:
+        scores = (torch.randn(batch, rows, n, generator=gen) * 3).to(torch.bfloat16)
+        mask = None
+        if masked:
+            mask = torch.rand(batch, n, generator=gen) < 0.8
+            mask[0, n // 2:] = False
+        ss = scores.clone().requires_grad_()
+        dropped, row_sums = fused_softmax._SoftmaxDropout.apply(ss, mask, p, sums)
+        probs = dropped.grad_fn.saved_tensors[0].view(batch, rows, n)
+        s64 = scores.double().requires_grad_()
+        logits = s64 if mask is None else s64.masked_fill(~mask[:, None, :], float("-inf"))
+        ref = torch.softmax(logits, -1)
+        assert ulp_close(probs.float(), ref.detach(), torch.bfloat16), ("probabilities", n, p)
+        if mask is not None:
+            assert not dropped[~mask[:, None, :].expand_as(dropped)].any(), "a masked key took probability"
+        keep = torch.ones_like(ref, dtype=torch.bool)
+        if p > 0:
+            keep = dropped != 0
+            scaled = (probs.double() / (1 - p)).to(torch.bfloat16)
+            assert torch.equal(dropped[keep], scaled[keep]) or ulp_close(
+                dropped[keep].float(), probs[keep].double() / (1 - p), torch.bfloat16), ("kept entries", n)
+            valid = (ref > 0)
+            rate = 1 - (keep & valid).sum().item() / valid.sum().item()
+            assert valid.sum() < 1000 or abs(rate - p) < 0.03, ("drop rate", rate, p)
+        want = ref * keep / (1 - p)
+        if sums:  # of the fp32 values before their rounding to bf16
+            assert rel(row_sums, want.sum(-1)) <= FP32_TOL, ("row sums", n)
+        g = torch.randn(batch, rows, n, generator=gen).to(torch.bfloat16)
+        d_sums = torch.randn(batch, rows, generator=gen) if sums else None
+        saved = dropped.grad_fn.saved_tensors
+        loss = (dropped.float() * g.float()).sum() + ((row_sums * d_sums).sum() if sums else 0)
+        loss.backward()
+        ref_loss = (want * g.double()).sum() + ((want.sum(-1) * d_sums.double()).sum() if sums else 0)
+        (want_grad,) = torch.autograd.grad(ref_loss, s64)
+        # The kernel's formula, in fp64 from the bf16 tensors it keeps: within one ulp of its bf16 output.
+        kept_probs, kept_dropped = (t.double().view(batch, rows, n) for t in saved)
+        total_g = g.double() + (d_sums.double()[..., None] if sums else 0)
+        formula = kept_dropped * total_g - kept_probs * (kept_dropped * total_g).sum(-1, keepdim=True)
+        assert ulp_close(ss.grad.float(), formula, torch.bfloat16), ("gradient formula", n, p, sums)
+        if n >= 64:  # a handful of keys per row: cancellation makes the relative error of the whole meaningless
+            error = rel(ss.grad, want_grad)
+            worst = max(worst, error)
+            assert error <= 1e-2, ("gradient", n, p, sums, error)
+    return f"gradients worst {worst:.1e}"
+
+
+def check_shared_key_value_attention() -> str:
+    """`softmax(q x^T) x` as one autograd node (fused_softmax.py, the absorbed cross-attention's core): output, row
+    sums and the gradients of `q` and `x` (the latter from both GEMMs, accumulated by the second) against autograd of
+    the fp64 expression with the same dropout mask, in bf16 within 2e-2 (the branches' bound; the row sums too: the
+    scores are a bf16 GEMM's)."""
+    from hf_flash_perceiver import fused_softmax
+
+    gen = torch.Generator().manual_seed(12)
+    worst = 0.0
+    for masked, p, sums in [(True, 0.2, True), (False, 0.0, False)]:
+        q = (torch.randn(2, 6, 40, generator=gen) * 0.3).to(torch.bfloat16).requires_grad_()
+        x = torch.randn(2, 700, 40, generator=gen).to(torch.bfloat16).requires_grad_()
+        mask = None
+        if masked:
+            mask = torch.rand(2, 700, generator=gen) < 0.6
+            mask[1, :500] = False
+        mixed, row_sums = fused_softmax._SharedKeyValueAttention.apply(q, x, mask, p, sums)
+        dropped = mixed.grad_fn.saved_tensors[3]
+        keep = dropped != 0 if p > 0 else torch.ones(dropped.shape, dtype=torch.bool)
+        g = torch.randn(mixed.shape, generator=gen).to(torch.bfloat16)
+        d_sums = torch.randn(2, 6, generator=gen) if sums else None
+        ((mixed.float() * g.float()).sum() + ((row_sums * d_sums).sum() if sums else 0)).backward()
+        q64, x64 = (t.detach().double().requires_grad_() for t in (q, x))
+        scores = q64 @ x64.transpose(1, 2)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        want_dropped = torch.softmax(scores, -1) * keep / (1 - p)
+        want = want_dropped @ x64
+        ref_loss = (want * g.double()).sum() + ((want_dropped.sum(-1) * d_sums.double()).sum() if sums else 0)
+        want_q, want_x = torch.autograd.grad(ref_loss, (q64, x64))
+        for name, got, ref in [("output", mixed, want), ("q", q.grad, want_q), ("x", x.grad, want_x)]:
+            error = rel(got, ref)
+            worst = max(worst, error)
+            assert error <= BRANCH_TOL, (name, masked, error)
+        if sums:
+            assert rel(row_sums, want_dropped.sum(-1)) <= BRANCH_TOL, "row sums"  # of bf16 scores
+    return f"worst {worst:.1e}"
+
+
 def check_fold_affine() -> str:
     gen = torch.Generator().manual_seed(3)
     worst = 0.0

@@ -308,6 +308,86 @@ def test_wide_and_mixed_width_heads_cuda(impl, qk, v):
 
         ops = _ops(run)
         assert not any("efficient_attention" in op or "_math" in op for op in ops), sorted(ops)
+        # The softmax over the materialised scores is the Triton kernel, not PyTorch's fp32 one under autocast.
+        assert "_softmax_forward" in ops and not any("SoftMaxForward" in op for op in ops), sorted(ops)
+
+
+# The wide heads' softmax (fused_softmax.py) against fp64: probabilities within one rounding of bf16 (half an ulp;
+# 1.01 ulp allowed); gradients within 6e-3 relative: they are computed from the bf16 probabilities and dropped-out
+# probabilities kept by the forward and rounded once more when written (2.1e-3 to 3.2e-3 on these cases, emulated in
+# PyTorch with the same roundings to nearest).
+@pytest.mark.parametrize("n, masked, dropout, sums", [(50176, False, 0.1, True), (5000, True, 0.0, False),
+                                                      (300, True, 0.25, True), (256, False, 0.0, True)])
+def test_fused_softmax_dropout_matches_fp64(n, masked, dropout, sums):
+    from hf_flash_perceiver.fused_softmax import _SoftmaxDropout, fused_softmax_fits, softmax_dropout
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    batch, rows = 3, 5
+    scores = (torch.randn(batch, rows, n, device="cuda", generator=gen) * 3).to(torch.bfloat16).requires_grad_()
+    mask = None
+    if masked:
+        mask = torch.rand(batch, n, device="cuda", generator=gen) < 0.7
+        mask[1, 0], mask[1, 1:] = True, False  # one key left (every row keeps one: KeyPaddingMask's guarantee)
+    assert fused_softmax_fits(scores, dropout)
+    dropped, row_sums = softmax_dropout(scores, mask, dropout, row_sums=sums)
+    assert isinstance(dropped.grad_fn, _SoftmaxDropout._backward_cls) and dropped.dtype == torch.bfloat16
+    probs = dropped.grad_fn.saved_tensors[0].view_as(dropped)
+    s64 = scores.detach().double().requires_grad_()
+    ref = torch.softmax(s64 if mask is None else s64.masked_fill(~mask[:, None, :], float("-inf")), -1)
+    ulp = torch.finfo(torch.bfloat16).eps * ref.detach().abs()
+    assert ((probs.double() - ref.detach()).abs() <= ulp * 1.01 + 1e-30).all()
+    keep = dropped != 0 if dropout > 0 else torch.ones_like(dropped, dtype=torch.bool)
+    if dropout > 0:
+        valid = ref.detach() > 0
+        rate = 1 - (keep & valid).sum().item() / valid.sum().item()
+        assert abs(rate - dropout) < 0.02, rate
+        torch.testing.assert_close(dropped[keep], (probs[keep].float() / (1 - dropout)).to(torch.bfloat16),
+                                   rtol=0.0079, atol=0.0)  # one bf16 ulp: rounded once from fp32, not twice
+        # Another call draws another mask.
+        assert not torch.equal(softmax_dropout(scores, mask, dropout)[0] != 0, keep)
+    if mask is not None:
+        assert not dropped.detach()[~mask[:, None, :].expand_as(dropped)].any()
+    want = ref * keep / (1 - dropout)
+    if sums:
+        assert rel_err(row_sums.double(), want.detach().sum(-1)) <= 1e-5
+    g = torch.randn(dropped.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    d_sums = torch.randn(batch, rows, device="cuda", generator=gen) if sums else None
+    ((dropped.float() * g.float()).sum() + ((row_sums * d_sums).sum() if sums else 0)).backward()
+    ref_loss = (want * g.double()).sum() + ((want.sum(-1) * d_sums.double()).sum() if sums else 0)
+    (want_grad,) = torch.autograd.grad(ref_loss, s64)
+    assert rel_err(scores.grad.double(), want_grad) <= 6e-3
+
+
+@pytest.mark.parametrize("masked, dropout", [(True, 0.1), (False, 0.0)])
+def test_shared_key_value_attention_matches_fp64(masked, dropout):
+    # `softmax(q x^T) x` as one node (the absorbed cross-attention's core): output, row sums and both inputs'
+    # gradients against fp64 autograd with the same dropout mask; bf16 GEMMs and probabilities: BF16_REL_TOL.
+    from hf_flash_perceiver.fused_softmax import _SharedKeyValueAttention, shared_key_value_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = (torch.randn(2, 64, 512, device="cuda", generator=gen) * 0.05).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(2, 20000, 512, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    mask = None
+    if masked:
+        mask = torch.rand(2, 20000, device="cuda", generator=gen) < 0.6
+        mask[1, :15000] = False
+    mixed, sums = shared_key_value_attention(q, x, mask, dropout, row_sums=True)
+    assert isinstance(mixed.grad_fn, _SharedKeyValueAttention._backward_cls)
+    dropped = mixed.grad_fn.saved_tensors[3]
+    keep = dropped != 0 if dropout > 0 else torch.ones_like(dropped, dtype=torch.bool)
+    g = torch.randn(mixed.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    d_sums = torch.randn(2, 64, device="cuda", generator=gen)
+    ((mixed.float() * g.float()).sum() + (sums * d_sums).sum()).backward()
+    q64, x64 = (t.detach().double().requires_grad_() for t in (q, x))
+    scores = q64 @ x64.transpose(1, 2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    want_dropped = torch.softmax(scores, -1) * keep / (1 - dropout)
+    want = want_dropped @ x64
+    want_q, want_x = torch.autograd.grad((want * g.double()).sum() + (want_dropped.sum(-1) * d_sums).sum(), (q64, x64))
+    for name, got, ref in [("output", mixed, want), ("sums", sums, want_dropped.sum(-1)), ("q", q.grad, want_q),
+                           ("x", x.grad, want_x)]:
+        assert rel_err(got.double(), ref.detach()) <= BF16_REL_TOL, name
 
 
 # Fused LayerNorm: values within one rounding of the output dtype of the fp32 LayerNorm; gradients computed in fp32

@@ -343,6 +343,30 @@ def test_replay_runs_the_fused_branches(monkeypatch):
     encoder_graphs.reset()
 
 
+def test_replays_draw_the_wide_heads_dropout_from_the_generator():
+    """A wide cross-attention head (no fused kernel takes it: two GEMMs around the Triton softmax, fused_softmax.py)
+    with attention dropout, replayed: each replay draws a new dropout mask, from CUDA's generator, so that the same
+    generator state gives the same step and the next step another mask (a seed frozen into the graph would repeat
+    one mask every step)."""
+    encoder_graphs.reset()
+    cfg = graph_config(cross_heads=1, cross_head_dim=512, cross_attn_dropout=0.2, cross_qkv_bias=True)
+    model = build(cfg, "sdpa", 0).cuda().train()
+    x = torch.randn(4, 300, 24, device="cuda")
+    for _ in range(encoder_graphs.WARMUP_CALLS + 1):
+        train_step(model, x)
+    assert captured(model) == 1
+    torch.cuda.manual_seed(7)
+    first, first_grads = train_step(model, x)
+    second, _ = train_step(model, x)
+    torch.cuda.manual_seed(7)
+    again, again_grads = train_step(model, x)
+    assert captured(model) == 1
+    assert rel_err(second, first) > 1e-2  # another mask
+    assert rel_err(again, first) <= REPLAY_REL_TOL  # the same generator state, the same mask
+    assert_grads_close(again_grads, first_grads)
+    encoder_graphs.reset()
+
+
 def test_calls_before_a_capture_run_the_fused_branches_where_they_pay(monkeypatch):
     """The eager calls leading up to a capture run the fused branches where `fused_branches("auto")` takes them: not
     at this small model's size (the module path, as before), every branch with the work threshold at zero, and then

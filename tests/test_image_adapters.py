@@ -338,6 +338,33 @@ def test_linear_unchanged():
     torch.testing.assert_close(adapter(x), expected, **FP32)  # fp32, the same ops: rounding at most
 
 
+@pytest.mark.parametrize("name", ["conv1x1-learned", "conv1x1-fourier"])
+def test_conv1x1_computed_channels_last_is_the_convolution(name):
+    # The 1x1 convolution runs as a Linear over channels-last pixels (contiguous tokens): values and the weight and
+    # bias gradients are the module's own (fp32: rounding order only). A hooked `conv` (an adapter's wrapper, say)
+    # is called as the module, so its hook runs.
+    from core_common import OpCounter
+
+    adapter, _ = variant(name)
+    x = torch.randn(2, 3, 16, 16)
+    with OpCounter() as counter:
+        got = adapter(x)
+    assert counter.ops["convolution"] == 0, counter.ops  # the Linear, not the module
+    features = adapter.conv(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got[..., :features.shape[-1]], features, **FP32)
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
+    grads = [p.grad.clone() for p in (adapter.conv.weight, adapter.conv.bias)]
+    adapter.zero_grad()
+    (features * weights[..., :features.shape[-1]]).sum().backward()
+    for g, p in zip(grads, (adapter.conv.weight, adapter.conv.bias)):
+        torch.testing.assert_close(g, p.grad, **FP32)
+    calls = []
+    adapter.conv.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    torch.testing.assert_close(adapter(x), got, **FP32)
+    assert calls == [(2, adapter.conv.out_channels, 16, 16)]
+
+
 def test_dtypes():
     conv, _ = variant("conv")
     assert conv.to(torch.bfloat16)(torch.randn(2, 3, 16, 16)).dtype == torch.bfloat16  # pixels cast to the weights
