@@ -175,7 +175,9 @@ def gemm_attention(
 ) -> Tensor:
     """Attention as two half-precision GEMMs around a softmax ([`softmax_dropout`]: fp32 inside the kernel, stored
     in half precision), differentiated by autograd: for wide heads, where the scores matrix is cheap next to the head
-    width and tensor-core GEMMs beat every fused kernel that accepts the shape. Returns `(batch, q_len, heads, v_head_dim)`."""
+    width and tensor-core GEMMs beat every fused kernel that accepts the shape.
+
+    Returns `(batch, q_len, heads, v_head_dim)`."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     probs, _ = softmax_dropout(scores, None if mask is None else mask.mask, dropout)

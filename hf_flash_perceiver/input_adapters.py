@@ -282,7 +282,7 @@ class PerceiverImageAdapter(nn.Module):
         if self.kind == "conv1x1" and plain(self.conv, nn.Conv2d):
             # A 1x1 convolution is a Linear over the channels: computed channels-last, it writes the tokens
             # contiguous, where the convolution's (batch, channels, rows * columns) output would be transposed by the
-            # concatenation below, an uncoalesced copy of the largest tensor of the step (and its backward as long).
+            # concatenation below, an uncoalesced copy of one of the step's largest tensors (and so its backward).
             grid = pixel_values.shape[-2:]
             pixels = pixel_values.flatten(2).transpose(1, 2).contiguous()  # (batch, rows * columns, channels)
             tokens = F.linear(pixels, self.conv.weight.flatten(1), self.conv.bias)
