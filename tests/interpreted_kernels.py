@@ -208,7 +208,8 @@ def check_activation() -> str:
 
 def check_softmax_dropout() -> str:
     """The wide-head attention's softmax (fused_softmax.py): rows longer than one loop step, shorter, and of 3 keys
-    (shorter than the smallest step), a key mask with a fully padded tail, dropout on and off, row sums on and off.
+    (shorter than the smallest step), bf16 and fp16 scores, a key mask with a fully padded tail, dropout on and off,
+    row sums on and off.
 
     - Probabilities (the undropped ones, kept for backward) within one ulp of the fp64 softmax.
     - Under dropout each entry is 0 or the kept probability scaled by 1/(1-p), and about p of the valid entries are
@@ -222,10 +223,12 @@ def check_softmax_dropout() -> str:
 
     gen = torch.Generator().manual_seed(11)
     worst = 0.0
-    for batch, rows, n, masked, p, sums in [(2, 3, 5000, True, 0.25, True), (3, 2, 300, False, 0.0, False),
-                                            (2, 4, 70, True, 0.0, True), (1, 2, 9000, False, 0.1, False),
-                                            (8, 50, 3, False, 0.25, True)]:
-        scores = (torch.randn(batch, rows, n, generator=gen) * 3).to(torch.bfloat16)
+    bf16, fp16 = torch.bfloat16, torch.float16
+    for batch, rows, n, masked, p, sums, dtype in [
+        (2, 3, 5000, True, 0.25, True, bf16), (3, 2, 300, False, 0.0, False, bf16), (2, 4, 70, True, 0.0, True, bf16),
+        (1, 2, 9000, False, 0.1, False, bf16), (8, 50, 3, False, 0.25, True, bf16), (2, 3, 700, True, 0.1, True, fp16),
+    ]:
+        scores = (torch.randn(batch, rows, n, generator=gen) * 3).to(dtype)
         mask = None
         if masked:
             mask = torch.rand(batch, n, generator=gen) < 0.8
@@ -236,33 +239,34 @@ def check_softmax_dropout() -> str:
         s64 = scores.double().requires_grad_()
         logits = s64 if mask is None else s64.masked_fill(~mask[:, None, :], float("-inf"))
         ref = torch.softmax(logits, -1)
-        assert ulp_close(probs.float(), ref.detach(), torch.bfloat16), ("probabilities", n, p)
+        assert dropped.dtype == probs.dtype == dtype
+        assert ulp_close(probs.float(), ref.detach(), dtype), ("probabilities", n, p)
         if mask is not None:
             assert not dropped[~mask[:, None, :].expand_as(dropped)].any(), "a masked key took probability"
         keep = torch.ones_like(ref, dtype=torch.bool)
         if p > 0:
             keep = dropped != 0
-            scaled = (probs.double() / (1 - p)).to(torch.bfloat16)
+            scaled = (probs.double() / (1 - p)).to(dtype)
             assert torch.equal(dropped[keep], scaled[keep]) or ulp_close(
-                dropped[keep].float(), probs[keep].double() / (1 - p), torch.bfloat16), ("kept entries", n)
+                dropped[keep].float(), probs[keep].double() / (1 - p), dtype), ("kept entries", n)
             valid = (ref > 0)
             rate = 1 - (keep & valid).sum().item() / valid.sum().item()
             assert valid.sum() < 1000 or abs(rate - p) < 0.03, ("drop rate", rate, p)
         want = ref * keep / (1 - p)
         if sums:  # of the fp32 values before their rounding to bf16
             assert rel(row_sums, want.sum(-1)) <= FP32_TOL, ("row sums", n)
-        g = torch.randn(batch, rows, n, generator=gen).to(torch.bfloat16)
+        g = torch.randn(batch, rows, n, generator=gen).to(dtype)
         d_sums = torch.randn(batch, rows, generator=gen) if sums else None
         saved = dropped.grad_fn.saved_tensors
         loss = (dropped.float() * g.float()).sum() + ((row_sums * d_sums).sum() if sums else 0)
         loss.backward()
         ref_loss = (want * g.double()).sum() + ((want.sum(-1) * d_sums.double()).sum() if sums else 0)
         (want_grad,) = torch.autograd.grad(ref_loss, s64)
-        # The kernel's formula, in fp64 from the bf16 tensors it keeps: within one ulp of its bf16 output.
+        # The kernel's formula, in fp64 from the half-precision tensors it keeps: within one ulp of its output.
         kept_probs, kept_dropped = (t.double().view(batch, rows, n) for t in saved)
         total_g = g.double() + (d_sums.double()[..., None] if sums else 0)
         formula = kept_dropped * total_g - kept_probs * (kept_dropped * total_g).sum(-1, keepdim=True)
-        assert ulp_close(ss.grad.float(), formula, torch.bfloat16), ("gradient formula", n, p, sums)
+        assert ss.grad.dtype == dtype and ulp_close(ss.grad.float(), formula, dtype), ("gradient formula", n, p, sums)
         if n >= 64:  # a handful of keys per row: cancellation makes the relative error of the whole meaningless
             error = rel(ss.grad, want_grad)
             worst = max(worst, error)
