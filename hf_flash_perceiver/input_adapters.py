@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_perceiver import PerceiverConfig
+from .fused_concat import concat_positions
 from .weight_cast import plain
 
 
@@ -268,8 +269,7 @@ class PerceiverImageAdapter(nn.Module):
         return x.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // p) * (width // p), channels * p * p)
 
     def _positions(self, grid: tuple[int, int], like: Tensor) -> Tensor:
-        positions = fourier_position_features(grid, self.num_bands, self.max_resolution, like.device, like.dtype)
-        return positions.expand(like.shape[0], -1, -1)
+        return fourier_position_features(grid, self.num_bands, self.max_resolution, like.device, like.dtype)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """`pixel_values (batch, num_channels, H, W)` -> tokens `(batch, rows * columns, width)` ([`grid`])."""
@@ -297,16 +297,16 @@ class PerceiverImageAdapter(nn.Module):
             grid = features.shape[-2:]
             tokens = features.flatten(2).transpose(1, 2)  # row-major over (rows, columns), channels last
         if self.position_embeddings is not None:
-            positions = self.position_embeddings.weight.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+            positions = self.position_embeddings.weight.to(tokens.dtype)
         else:
             positions = self._positions(tuple(grid), tokens)
-        return torch.cat([tokens, positions], dim=-1)
+        return concat_positions(tokens, positions)
 
     def _forward_linear(self, pixel_values: Tensor) -> Tensor:
         # Processors emit float32; a model loaded in bf16/fp16 takes the pixels in its own dtype.
         tokens = self.patchify(pixel_values.to(self.proj.weight.dtype))
         if self.position_embeddings is None:
-            tokens = torch.cat([tokens, self._positions(self.grid(pixel_values), tokens)], dim=-1)
+            tokens = concat_positions(tokens, self._positions(self.grid(pixel_values), tokens))
             return self.proj(tokens)
         return self.proj(tokens) + self.position_embeddings.weight.to(tokens.dtype)
 
@@ -369,7 +369,7 @@ class PerceiverFlowAdapter(nn.Module):
         positions = fourier_position_features(
             (height, width), self.num_bands, self.max_resolution, tokens.device, tokens.dtype
         )
-        return torch.cat([tokens, positions.expand(batch, -1, -1)], dim=-1)
+        return concat_positions(tokens, positions)
 
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

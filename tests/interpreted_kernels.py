@@ -347,6 +347,31 @@ def check_residual_add() -> str:
     return f"{rel(got, want):.1e}"
 
 
+def check_concat_positions() -> str:
+    """Tokens with batch-shared positions (fused_concat.py): widths that are and are not powers of two, a row count
+    that is not a multiple of a program's rows, both dtypes of the adapters. A copy: equal to `torch.cat`, exactly;
+    backward: the tokens' slice of the gradient, exactly, and the positions' slice summed over the batch."""
+    from hf_flash_perceiver import fused_concat
+
+    gen = torch.Generator().manual_seed(12)
+    worst = 0.0
+    for batch, n, c, p, dtype in [(3, 13, 256, 256, torch.bfloat16), (2, 37, 7, 258, torch.float32),
+                                  (1, 5, 64, 3, torch.float16)]:
+        tokens = torch.randn(batch, n, c, generator=gen).to(dtype).requires_grad_()
+        positions = torch.randn(n, p, generator=gen).to(dtype).requires_grad_()
+        got = fused_concat._ConcatPositions.apply(tokens, positions)
+        want = torch.cat([tokens, positions.expand(batch, -1, -1)], dim=-1)
+        assert got.shape == want.shape and torch.equal(got, want), (batch, n, c, p)
+        g = torch.randn(want.shape, generator=gen).to(dtype)
+        got_grads = torch.autograd.grad(got, (tokens, positions), g)
+        assert torch.equal(got_grads[0], g[..., :c]), "tokens' gradient"
+        # The positions' gradient is a sum over the batch: to the rounding of its dtype, against fp64.
+        error = rel(got_grads[1], g[..., c:].double().sum(0))
+        assert error <= torch.finfo(dtype).eps, ("positions' gradient", error)
+        worst = max(worst, error / torch.finfo(dtype).eps)
+    return f"exact copy; positions' gradient worst {worst:.2f} eps"
+
+
 # ---------------------------------------------------------------------------------------------------- branches
 
 

@@ -1062,3 +1062,25 @@ def test_labelled_step_reads_the_label_check_without_a_host_sync(head, monkeypat
     with pytest.raises(ValueError, match=r"must be in \["):
         step(bad)
     encoder_graphs.reset()
+
+
+# The adapters' tokens-with-positions concatenation (fused_concat.py) on the GPU: the Triton kernel ran (not
+# PyTorch's strided CatArrayBatchedCopy), its output is `torch.cat`'s exactly (a copy), and the gradients are the
+# concatenation's: the tokens' slice exactly, the positions' batch sum to the rounding of its dtype against fp64.
+@pytest.mark.parametrize("n, c, p, dtype", [(3136, 256, 256, torch.bfloat16), (1000, 61, 258, torch.float32)])
+def test_concat_positions_kernel(n, c, p, dtype):
+    from hf_flash_perceiver.fused_concat import concat_fits, concat_positions
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    tokens = torch.randn(4, n, c, device="cuda", generator=gen).to(dtype).requires_grad_()
+    positions = torch.randn(n, p, device="cuda", generator=gen).to(dtype).requires_grad_()
+    assert concat_fits(tokens, positions)
+    out = {}
+    ops = _ops(lambda: out.setdefault("y", concat_positions(tokens, positions)))
+    assert "_concat" in ops and not any("CatArrayBatchedCopy" in op for op in ops), sorted(ops)
+    want = torch.cat([tokens, positions.expand(4, -1, -1)], -1)
+    assert torch.equal(out["y"], want)
+    g = torch.randn(want.shape, device="cuda", generator=gen).to(dtype)
+    d_tokens, d_positions = torch.autograd.grad(out["y"], (tokens, positions), g)
+    assert torch.equal(d_tokens, g[..., :c])
+    assert rel_err(d_positions, g[..., c:].double().sum(0)) <= torch.finfo(dtype).eps

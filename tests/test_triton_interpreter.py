@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 CHECKS = ["layer_norm", "column_sum", "activation", "softmax_dropout", "shared_key_value_attention",
-          "fold_affine", "residual_add", "mlp_branch",
+          "fold_affine", "residual_add", "concat_positions", "mlp_branch",
           "self_attention_branch", "cross_attention_branch", "backward_copies", "fused_model"]
 
 
