@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +14,7 @@ from .encoder_graphs import active as graphs_active
 from .encoder_graphs import run_encoder
 from .layers import AttentionSpec, PerceiverBlock
 from .fused_block import fused_dtype
+from .shared_gradients import gradient_sums
 from .weight_cast import prefetch_copies, shared_casts
 
 
@@ -61,8 +64,9 @@ class PerceiverEncoder(nn.Module):
             self.cross_layers[self.block_index(i)].prepare(context)
         x = latents
         # Blocks that share modules (tied layers, repeated latent stacks) share their converted weights too, and the
-        # fused branches' weights are converted for every block by one multi-tensor copy.
-        with shared_casts():
+        # fused branches' weights are converted for every block by one multi-tensor copy; their fused branches sum the
+        # shared parameters' gradients as they make them (shared_gradients.py).
+        with shared_casts(), ExitStack() as scope:
             dtype = fused_dtype(latents)
             if dtype is not None:  # (no block runs a fused branch otherwise: nothing to collect)
                 # How many calls each layer gets in this forward: one conversion serves them all.
@@ -73,6 +77,8 @@ class PerceiverEncoder(nn.Module):
                         calls[layer] = calls.get(layer, 0) + self.config.latent_stack_repeats
                 prefetch_copies(dtype, {t: n for layer, n in calls.items()
                                         for t in layer.fused_weights(latents, **kwargs)})
+                shared = {p: n for layer, n in calls.items() if n > 1 for p in layer.parameters()}
+                scope.enter_context(gradient_sums(shared))
             for i, context in enumerate(contexts):
                 b = self.block_index(i)
                 x, _ = self.cross_layers[b](x, context, **kwargs)

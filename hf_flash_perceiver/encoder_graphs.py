@@ -61,6 +61,7 @@ except ImportError:  # a transformers without it: never capture rather than risk
 from .fused_activation import gated_activation
 from .fused_block import fused_branches
 from .fused_norm import FusedLayerNorm
+from .shared_gradients import summed
 from .weight_cast import project
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,9 @@ class _Captured:
             leaves = [t.detach().requires_grad_() if needs else t for t, needs in zip(self.inputs, input_grads)]
             proxies = {name: p.detach().requires_grad_(grad and p.requires_grad) for name, p in named.items()}
             # Autocast's weight cache would hand the graph casts made outside it, which a replay would read stale.
-            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            # The backward below takes the gradients of all the leaves at once, through every call: the gradients of
+            # parameters that several calls share may be summed as they are made (shared_gradients.py).
+            with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False), summed():
                 with fused_branches(True) if fuse else nullcontext(), _reparametrize_module(encoder, proxies):
                     return [*leaves, *proxies.values()], run(*leaves)
 

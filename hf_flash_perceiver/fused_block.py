@@ -42,10 +42,13 @@ from .fused_norm import (
     fold_affine,
     norm_backward,
     norm_forward,
+    stack_heads_column_sum,
     tl,
     triton,
     unfold_affine_grads,
 )
+from .shared_gradients import GradientSums
+from .shared_gradients import current as current_sums
 from .weight_cast import BackwardCopies, cast_tensors, plain, shared_copies
 
 # "auto": fuse branches with enough work per launch (below); True: every branch that fits; False (default): the
@@ -175,12 +178,16 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _linear_backward(dy: Tensor, x: Tensor, weight: Tensor, grad_dtype: torch.dtype, want_x: bool, want_w: bool,
-                     want_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                     want_b: bool, into: tuple[GradientSums, int] | None = None
+                     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """`(dx, d_weight, d_bias)` of `x @ weight.T + bias` from the half-precision `dy`; the parameter gradients in
-    `grad_dtype` (the parameters' own), straight from the GEMM / reduction."""
+    `grad_dtype` (the parameters' own), straight from the GEMM / reduction. Given `into` (a [`GradientSums`] and the
+    weight's slot there), the weight gradient's GEMM adds to that sum instead, and `d_weight` is None."""
     dx = torch.mm(dy, weight) if want_x else None
     dw = db = None
-    if want_w:
+    if want_w and into is not None:
+        into[0].gemm(into[1], dy, x, grad_dtype)
+    elif want_w:
         dw = torch.mm(dy.t(), x, out_dtype=grad_dtype) if grad_dtype != dy.dtype else torch.mm(dy.t(), x)
     if want_b:
         db = column_sum(dy, grad_dtype)
@@ -322,6 +329,32 @@ def _keep_weights(ctx, recast: BackwardCopies | None, weights: tuple[Tensor, ...
     return (None,) * len(copies)
 
 
+def _share_gradients(ctx, shared: tuple[GradientSums, Tensor] | None, *params: Tensor | None) -> None:
+    """Forward: the slots in this forward's [`GradientSums`] (`shared`, with its token) of a branch's `params`, in
+    the order of its backward's parameter gradients; None for each that autograd sums."""
+    ctx.sums = None if shared is None else shared[0]
+    ctx.slots = (None,) * len(params) if shared is None else shared[0].slots(*params)
+
+
+def _into(ctx, i: int) -> tuple[GradientSums, int] | None:
+    """Where the GEMM of the branch's `i`-th parameter gradient adds to (`_linear_backward`'s `into`), if anywhere."""
+    return None if ctx.slots[i] is None else (ctx.sums, ctx.slots[i])
+
+
+def _hand_over(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Backward: the branch's parameter gradients for autograd, those summed in this forward's [`GradientSums`]
+    handed to it instead (None in their place)."""
+    if ctx.sums is None:
+        return grads
+    out = []
+    for g, slot in zip(grads, ctx.slots):
+        if slot is not None and g is not None:
+            ctx.sums.add(slot, g)
+            g = None
+        out.append(g)
+    return tuple(out)
+
+
 def _weights(ctx, *saved: Tensor | None) -> tuple[Tensor, ...]:
     """The weight copies a branch's backward reads: those it saved, or those converted again now."""
     return tuple(saved) if ctx.recast is None else tuple(ctx.recast.take(ctx.recast_part))
@@ -331,8 +364,10 @@ class _SelfAttentionBranch(torch.autograd.Function):
     """`x + o_proj(attention(qkv_proj(LN(x))))` for `x (batch, len, dim)`."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dropout, copies, recast):
+    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o, eps, heads, head_dim, dropout, copies, recast, shared,
+                token):
         batch, length, _ = x.shape
+        _share_gradients(ctx, shared, ln_w, ln_b, w_qkv, b_qkv, w_o, b_o)
         x2 = _rows(x)
         w_qkv_c, b_qkv_c, w_o_c, _ = copies  # o_proj's bias enters in fp32, with the residual add
         h, x_hat, stats = _normalize(ctx, x2, ln_w, ln_b, eps, w_qkv_c.dtype)
@@ -359,17 +394,20 @@ class _SelfAttentionBranch(torch.autograd.Function):
         dy2 = _rows(dy)
         do = _half_grad(dy, dy2, w_o_c.dtype)
         # o_proj's bias gradient is the row sum of `dy`, which the LayerNorm backward below reads anyway.
-        da, dw_o, _ = _linear_backward(do, a, w_o_c, w_o.dtype, True, need[5], False)
+        da, dw_o, _ = _linear_backward(do, a, w_o_c, w_o.dtype, True, need[5], False, _into(ctx, 4))
         dout = _like_output(da.view(batch, length, heads, head_dim).transpose(1, 2), out)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, head_dim).unbind(2))
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale, ctx.dropout)[:3]
-        dqkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1)
+        want_qkv_bias = need[4] and ctx.has_qkv_bias
+        if want_qkv_bias:  # the bias gradient from the same pass as the rows' stacking
+            dqkv, db_qkv = stack_heads_column_sum((dq, dk, dv))
+        else:
+            dqkv, db_qkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1), None
         dh = torch.mm(dqkv, w_qkv_c)
         dx, d_ln_w, d_ln_b, db_o, h = _input_grad(ctx, x_hat, dh, ln_w, ln_b, stats, dy2,
                                                   need[6] and ctx.has_o_bias, do.dtype, need[3])
-        _, dw_qkv, db_qkv = _linear_backward(dqkv, h, w_qkv_c, w_qkv.dtype, False, need[3],
-                                             need[4] and ctx.has_qkv_bias)
-        return (dx, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o) + (None,) * 6
+        _, dw_qkv, _ = _linear_backward(dqkv, h, w_qkv_c, w_qkv.dtype, False, need[3], False, _into(ctx, 2))
+        return (dx, *_hand_over(ctx, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_o, db_o)) + (None,) * 8
 
 
 class _CrossAttentionBranch(torch.autograd.Function):
@@ -462,8 +500,9 @@ class _MLPBranch(torch.autograd.Function):
     """`x + fc2(act(fc1(LN(x))))` (without the `x +` when `residual` is off), gated or not."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, copies, recast):
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, gate, residual, copies, recast, shared, token):
         x2 = _rows(x)
+        _share_gradients(ctx, shared, ln_w, ln_b, w1, b1, w2, b2)
         w1_c, b1_c, w2_c, b2_c = copies
         h, x_hat, stats = _normalize(ctx, x2, ln_w, ln_b, eps, w1_c.dtype)
         pre = _linear(h, w1_c, b1_c)
@@ -489,15 +528,16 @@ class _MLPBranch(torch.autograd.Function):
         # With the residual, fc2's bias gradient (the row sum of `dy`) comes out of the LayerNorm backward below.
         sum_in_norm = ctx.residual and need[6] and ctx.has_b2
         _, dw2, db2 = _linear_backward(do, act, w2_c, w2.dtype, False, need[5],
-                                       need[6] and ctx.has_b2 and not sum_in_norm)
+                                       need[6] and ctx.has_b2 and not sum_in_norm, _into(ctx, 4))
         dh = torch.mm(d_pre, w1_c)
         dx, d_ln_w, d_ln_b, db2_sum, h = _input_grad(
             ctx, x_hat, dh, ln_w, ln_b, stats, dy2 if ctx.residual else None, sum_in_norm, do.dtype, need[3]
         )
-        _, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1.dtype, False, need[3], need[4] and ctx.has_b1)
+        _, dw1, db1 = _linear_backward(d_pre, h, w1_c, w1.dtype, False, need[3], need[4] and ctx.has_b1,
+                                       _into(ctx, 2))
         if sum_in_norm:
             db2 = db2_sum
-        return (dx, d_ln_w, d_ln_b, dw1, db1, dw2, db2) + (None,) * 5
+        return (dx, *_hand_over(ctx, d_ln_w, d_ln_b, dw1, db1, dw2, db2)) + (None,) * 7
 
 
 _BRANCH_BACKWARDS = frozenset(f._backward_cls for f in (_SelfAttentionBranch, _CrossAttentionBranch, _MLPBranch))
@@ -514,9 +554,10 @@ def self_attention_branch(norm: nn.LayerNorm, attn: nn.Module, x: Tensor, dtype:
     """`x + attn(norm(x))` for a [`PerceiverSelfAttention`] that [`self_attention_fits`]."""
     qkv, o = attn.qkv_proj, attn.o_proj
     copies = tuple(shared_copies(dtype, qkv.weight, qkv.bias, o.weight, o.bias))
+    shared = current_sums()
     return _SelfAttentionBranch.apply(
         x, norm.weight, norm.bias, qkv.weight, qkv.bias, o.weight, o.bias, norm.eps, attn.num_heads, attn.head_dim,
-        attn.spec.dropout if attn.training else 0.0, copies, recast,
+        attn.spec.dropout if attn.training else 0.0, copies, recast, shared, None if shared is None else shared[1],
     )
 
 
@@ -546,9 +587,11 @@ def mlp_branch(norm: nn.LayerNorm, mlp: nn.Module, x: Tensor, dtype: torch.dtype
     """`x + mlp(norm(x))` (`mlp(norm(x))` without `residual`) for a [`PerceiverMLP`] that [`mlp_fits`]."""
     gate = mlp.gate_activation_name if mlp.gated else None
     fc1, fc2 = mlp.fc1, mlp.fc2
+    shared = current_sums()
     return _MLPBranch.apply(
         x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, norm.eps, gate, residual,
-        tuple(shared_copies(dtype, fc1.weight, fc1.bias, fc2.weight, fc2.bias)), recast,
+        tuple(shared_copies(dtype, fc1.weight, fc1.bias, fc2.weight, fc2.bias)), recast, shared,
+        None if shared is None else shared[1],
     )
 
 

@@ -20,6 +20,7 @@ Off CUDA, without Triton, under `torch.compile` (Inductor fuses the native op it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -174,7 +175,8 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
 # zeroed once, when made, and never freed: a captured CUDA graph keeps their address.
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
 COUNTER_SLOTS = 4096
-_SUM_TILE = (32, 128, 4)  # rows per iteration, columns per program, warps
+_SUM_TILE = (64, 128, 4)  # rows per iteration, columns per program, warps
+_SUM_PER_SM = 2  # programs per SM
 
 
 def _counters(device: torch.device) -> Tensor:
@@ -198,21 +200,61 @@ def column_sum(x2: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     return _launch_column_sum(x2, out_dtype)
 
 
-def _launch_column_sum(x2: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _launch_column_sum(x2: Tensor, out_dtype: torch.dtype, heads: Tensor | None = None, copy: Tensor | None = None,
+                       out: Tensor | None = None, block: int | None = None) -> Tensor:
+    # `heads`: a `(outer, heads, inner, head_width)` view (unit stride along the last axis) read in place of `x2`,
+    # as the rows `outer * inner` by columns `heads * head_width` (then `x2` only gives that shape).
     rows, cols = x2.shape
-    tile_rows, block, warps = _SUM_TILE
+    tile_rows, tile_block, warps = _SUM_TILE
+    block = block or tile_block
     column_blocks = triton.cdiv(cols, block)
-    # About four programs per SM in all, each over a span of whole row tiles.
-    splits = max(1, _programs(x2.device, column_blocks * triton.cdiv(rows, tile_rows), 4) // column_blocks)
+    # About two programs per SM in all, each over a span of whole row tiles.
+    splits = max(1, _programs(x2.device, column_blocks * triton.cdiv(rows, tile_rows), _SUM_PER_SM) // column_blocks)
     span = triton.cdiv(triton.cdiv(rows, splits), tile_rows) * tile_rows
     splits = triton.cdiv(rows, span)
     partial = torch.empty((splits, cols), dtype=torch.float32, device=x2.device)
-    out = torch.empty(cols, dtype=out_dtype, device=x2.device)
+    if out is None:
+        out = torch.empty(cols, dtype=out_dtype, device=x2.device)
+    source = x2 if heads is None else heads
+    gather = (heads.shape[2], heads.stride(0), heads.shape[3], heads.stride(1)) if heads is not None else (1, 0, 1, 0)
     _column_sum[(column_blocks, splits)](
-        x2, out, partial, _counters(x2.device), rows, cols, x2.stride(0), span, splits,
-        ROWS=tile_rows, BLOCK=block, num_warps=warps,
+        source, out, partial, _counters(x2.device), rows, cols, source.stride(-2), span, splits, *gather,
+        copy if copy is not None else out, copy.stride(0) if copy is not None else 0,
+        GATHER=heads is not None, COPY=copy is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
     return out
+
+
+def stack_heads_column_sum(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """`(stacked, sums)` of `parts`, each `(batch, heads, length, head_dim)` (attention's per-head gradients of the
+    query, key and value): `stacked (batch * length, len(parts) * heads * head_dim)` holds row `b * length + l` of
+    every part, part by part and head by head (the gradient of a fused QKV projection's output), and `sums` its fp32
+    column sums (that projection's bias gradient), both from one pass over each part. Off CUDA, without Triton, or
+    for heads the kernel's column blocks do not divide, `torch.stack` and [`column_sum`]."""
+    batch, heads, length, head_dim = parts[0].shape
+    if not (triton is not None and parts[0].is_cuda and _head_block(head_dim) >= 16
+            and all(p.stride(-1) == 1 for p in parts)):
+        stacked = torch.stack([p.transpose(1, 2) for p in parts], dim=2).view(batch * length, -1)
+        return stacked, column_sum(stacked)
+    return _launch_stack_heads(parts)
+
+
+def _head_block(head_dim: int) -> int:
+    # Columns per program of a gathered column sum: the largest power of two dividing the head width, up to a tile.
+    return min(_SUM_TILE[1], head_dim & -head_dim)
+
+
+def _launch_stack_heads(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    batch, heads, length, head_dim = parts[0].shape
+    block = _head_block(head_dim)
+    width = heads * head_dim
+    stacked = torch.empty((batch * length, len(parts) * width), dtype=parts[0].dtype, device=parts[0].device)
+    sums = torch.empty(len(parts) * width, dtype=torch.float32, device=parts[0].device)
+    for i, part in enumerate(parts):
+        columns = slice(i * width, (i + 1) * width)
+        _launch_column_sum(stacked[:, columns], torch.float32, heads=part, copy=stacked[:, columns],
+                           out=sums[columns], block=block)
+    return stacked, sums
 
 
 _FOLD_TILE = (32, 64, 4)  # rows per iteration, columns per iteration / per program, warps
@@ -385,17 +427,34 @@ if triton is not None:
             tl.store(Partial + (2 * programs + program) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
 
     @triton.jit
-    def _column_sum(X, Out, Partial, Counters, rows, cols, stride, span, splits,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _column_sum(X, Out, Partial, Counters, rows, cols, stride, span, splits, inner_rows, stride_outer,
+                    head_width, stride_head, Copy, copy_stride,
+                    GATHER: tl.constexpr, COPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # GATHER: X is a `(outer, heads, inner_rows, head_width)` view read as rows `outer * inner_rows` by columns
+        # `heads * head_width` (a block of columns never straddles two heads). COPY: the rows are also written to
+        # `Copy`, a row-major `(rows, cols)` view with row stride `copy_stride`.
         block = tl.program_id(0)
         split = tl.program_id(1)
         col = block * BLOCK + tl.arange(0, BLOCK)
         col_ok = col < cols
+        if GATHER:
+            head = (block * BLOCK) // head_width
+            x_col = head.to(tl.int64) * stride_head + (col - head * head_width)
+        else:
+            x_col = col
         acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for first in range(split * span, (split + 1) * span, ROWS):
             row = first + tl.arange(0, ROWS)
             ok = (row < rows)[:, None] & col_ok[None, :]
-            acc += tl.load(X + row[:, None].to(tl.int64) * stride + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            row64 = row[:, None].to(tl.int64)
+            if GATHER:
+                x_row = (row64 // inner_rows) * stride_outer + (row64 % inner_rows) * stride
+            else:
+                x_row = row64 * stride
+            x = tl.load(X + x_row + x_col[None, :], mask=ok, other=0.0)
+            if COPY:
+                tl.store(Copy + row64 * copy_stride + col[None, :], x, mask=ok)
+            acc += x.to(tl.float32)
         tl.store(Partial + split * cols + col, tl.sum(acc, axis=0), mask=col_ok)
         # The barrier and acq_rel: every thread's part of this program's partial is visible before its arrival
         # counts, and the last arrival sees them all (read past L1, which another SM's writes do not update).

@@ -19,6 +19,7 @@ whole fused model in float16 as accurate as the float16 module path (see `check_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -54,6 +55,17 @@ def _mm_out_dtype(a, b, *, out_dtype=None):
 
 
 torch.mm = _mm_out_dtype
+_addmm = torch.addmm
+
+
+def _addmm_out_dtype(c, a, b, *, out_dtype=None, out=None, **kw):
+    if out_dtype is None:
+        return _addmm(c, a, b, **kw) if out is None else _addmm(c, a, b, out=out, **kw)
+    result = (_mm(a.float(), b.float()) + c.float()).to(out_dtype)
+    return result if out is None else out.copy_(result)
+
+
+torch.addmm = _addmm_out_dtype
 
 FP32_TOL = 1e-5
 BRANCH_TOL = 2e-2
@@ -182,6 +194,34 @@ def check_column_sum() -> str:
         assert rel(got, want) <= FP32_TOL, (rows, cols, rel(got, want))
         assert not _COUNTERS.any(), "a launch left its arrival counters set"
     return f"worst {worst:.1e}"
+
+
+def check_stack_heads_column_sum() -> str:
+    """Attention's per-head gradients stacked into a fused QKV projection's output gradient, with that projection's
+    bias gradient from the same pass (fused_norm.stack_heads_column_sum): parts laid out as PyTorch's attention
+    kernels return them ((batch, heads, length, dim) contiguous, or (batch, length, heads, dim) underneath), or
+    as views of one packed tensor; head widths whose column blocks are 128, 64 and 16. The stacked rows are a copy
+    (equal to `torch.stack`'s, exactly); the sums within fp32 rounding of the fp64 sums (1e-5)."""
+    gen = torch.Generator().manual_seed(13)
+    worst = 0.0
+    for batch, heads, length, dim, layout in [(2, 3, 37, 128, "bhld"), (3, 2, 20, 64, "blhd"), (1, 4, 70, 48, "packed"),
+                                              (2, 1, 9, 16, "bhld")]:
+        if layout == "packed":
+            packed = torch.randn(batch, length, 3, heads, dim, generator=gen).to(torch.bfloat16)
+            parts = [t.transpose(1, 2) for t in packed.unbind(2)]
+        elif layout == "blhd":
+            parts = [torch.randn(batch, length, heads, dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
+                     for _ in range(3)]
+        else:
+            parts = [torch.randn(batch, heads, length, dim, generator=gen).to(torch.bfloat16) for _ in range(3)]
+        stacked, sums = fused_norm._launch_stack_heads(parts)
+        want = torch.stack([p.transpose(1, 2) for p in parts], dim=2).reshape(batch * length, -1)
+        assert torch.equal(stacked, want), (batch, heads, length, dim, layout)
+        error = rel(sums, want.double().sum(0))
+        worst = max(worst, error)
+        assert sums.dtype == torch.float32 and error <= FP32_TOL, (layout, error)
+        assert not _COUNTERS.any(), "a launch left its arrival counters set"
+    return f"exact stack; sums worst {worst:.1e}"
 
 
 def check_activation() -> str:
@@ -427,7 +467,7 @@ def check_mlp_branch() -> str:
         copies = tuple(fused_block.cast_tensors(torch.bfloat16, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
                                                 mlp.fc2.bias))
         y = fused_block._MLPBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                         mlp.fc2.bias, norm.eps, gate, residual, copies, None)
+                                         mlp.fc2.bias, norm.eps, gate, residual, copies, None, None, None)
         ref = mlp(norm(x)) + (x if residual else 0)
         named = [("x", x), *norm.named_parameters(prefix="norm"), *mlp.named_parameters(prefix="mlp")]
         _keeps_no_input_copy(y, x, block)
@@ -446,7 +486,7 @@ def check_self_attention_branch() -> str:
                                                 attn.o_proj.weight, attn.o_proj.bias))
         y = fused_block._SelfAttentionBranch.apply(
             x, norm.weight, norm.bias, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
-            norm.eps, heads, head_dim, 0.0, copies, None,
+            norm.eps, heads, head_dim, 0.0, copies, None, None, None,
         )
         ref = x + attn(norm(x))[0]
         named = [("x", x), *norm.named_parameters(prefix="norm"), *attn.named_parameters(prefix="attn")]
@@ -532,7 +572,12 @@ def check_fused_model() -> str:
     rounding through eight blocks came within 85 % of it), against the fp32 module path, next to the fp16 module path
     (CPU autocast): the fused path must be about as accurate as the path it replaces (within twice its error, or
     5e-3 for the output and 1e-2 for gradients where those are larger; measured: 1.4e-3 and at most 1.9e-3, the fp16
-    module path's 1.5e-3 and 2.1e-3)."""
+    module path's 1.5e-3 and 2.1e-3). Then as a captured encoder runs it (shared_gradients.summed): the shared
+    stacks' parameter gradients summed as they are made, every one of their weight GEMMs after a stack's first call
+    accumulating into the sum, and the same gradients as autograd's sums to fp32 rounding (1e-5; the order of the
+    additions differs)."""
+    from hf_flash_perceiver import shared_gradients
+
     import hf_flash_perceiver.encoder as encoder
     import hf_flash_perceiver.layers as layers
 
@@ -565,7 +610,23 @@ def check_fused_model() -> str:
             self.conversions += self._copies is None
             return super().take(part)
 
-    def step(fused: bool, autocast: bool):
+    sums_log = {"gemm": 0, "accumulated": 0, "add": 0, "take": 0}
+
+    class CountedSums(shared_gradients.GradientSums):
+        def gemm(self, slot, dy, x, grad_dtype):
+            sums_log["gemm"] += 1
+            sums_log["accumulated"] += isinstance(self._sums[slot], torch.Tensor)
+            return super().gemm(slot, dy, x, grad_dtype)
+
+        def add(self, slot, grad):
+            sums_log["add"] += 1
+            return super().add(slot, grad)
+
+        def take(self):
+            sums_log["take"] += 1
+            return super().take()
+
+    def step(fused: bool, autocast: bool, summed: bool = False):
         saved = (layers.fused_dtype, encoder.fused_dtype, fused_block._half_grad, layers.self_attention_branch,
                  layers.cross_attention_branch, layers.mlp_branch, layers.BackwardCopies)
         if fused:  # off CUDA no branch fuses: route every fitting branch, in float16
@@ -577,7 +638,8 @@ def check_fused_model() -> str:
         try:
             model.zero_grad(set_to_none=True)
             x.grad = None
-            with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), (
+                    shared_gradients.summed() if summed else contextlib.nullcontext()):
                 out = model(x).last_hidden_state
             out.float().square().mean().backward()
         finally:
@@ -602,6 +664,18 @@ def check_fused_model() -> str:
     # The two cross-attention blocks, each called once, convert their weights again in backward, once each, and drop
     # them; the self-attention blocks of the repeated stacks keep the copies that serve both repeats.
     assert [r.conversions for r in recasts] == [1, 1] and all(r._copies is None for r in recasts), recasts
+    # Summed as a captured encoder sums them: 2 blocks x 2 self layers, each called twice, 4 weights each.
+    saved_sums = shared_gradients.GradientSums
+    shared_gradients.GradientSums = CountedSums
+    try:
+        summed_out, summed_grads = step(fused=True, autocast=False, summed=True)
+    finally:
+        shared_gradients.GradientSums = saved_sums
+    assert torch.equal(summed_out, out), "the forward changed"
+    assert sums_log["take"] == 1 and sums_log["gemm"] == 2 * 2 * 2 * 4 and sums_log["accumulated"] == 16, sums_log
+    assert sums_log["add"] == 2 * 2 * 2 * 8, sums_log  # each call: 2 norms x (weight, bias), qkv, o, fc1, fc2 biases
+    for name, want in got.items():
+        assert rel(summed_grads[name], want) <= FP32_TOL, (name, rel(summed_grads[name], want))
     closest = max(margin)
     return (f"output {rel(out, ref_out):.1e} (fp16 module path {rel(module_out, ref_out):.1e}); closest gradient "
             f"{closest[1]}: {closest[2]:.1e} against the module path's {closest[3]:.1e} ({closest[0]:.0%} of allowed)")

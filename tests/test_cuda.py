@@ -1084,3 +1084,29 @@ def test_concat_positions_kernel(n, c, p, dtype):
     d_tokens, d_positions = torch.autograd.grad(out["y"], (tokens, positions), g)
     assert torch.equal(d_tokens, g[..., :c])
     assert rel_err(d_positions, g[..., c:].double().sum(0)) <= torch.finfo(dtype).eps
+
+
+# A fused QKV projection's output gradient stacked from attention's per-head gradients, with its bias gradient from
+# the same pass (fused_norm.stack_heads_column_sum): the gradients cuDNN's attention backward returns for a packed
+# QKV, and parts of other layouts. The stack is a copy (exact); the sums are fp32 sums (1e-5 of fp64's).
+@pytest.mark.parametrize("heads, dim", [(8, 128), (4, 64), (2, 48)])
+def test_stack_heads_column_sum_kernel(heads, dim):
+    from hf_flash_perceiver.fused_norm import stack_heads_column_sum
+
+    gen = torch.Generator(device="cuda").manual_seed(dim)
+    batch, length = 4, 300
+    qkv = torch.randn(batch, length, 3, heads, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q, k, v = (t.transpose(1, 2).detach().requires_grad_() for t in qkv.unbind(2))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    layouts = [grads, [torch.randn(batch, heads, length, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+                       for _ in range(3)]]
+    for parts in layouts:
+        result = {}
+        ops = _ops(lambda: result.setdefault("r", stack_heads_column_sum(parts)))
+        stacked, sums = result["r"]
+        assert "_column_sum" in ops and not any("CatArrayBatchedCopy" in op for op in ops), sorted(ops)
+        want = torch.stack([p.transpose(1, 2) for p in parts], dim=2).reshape(batch * length, -1)
+        assert torch.equal(stacked, want)
+        assert sums.dtype == torch.float32 and rel_err(sums, want.double().sum(0)) <= 1e-5

@@ -320,13 +320,20 @@ def test_changing_shapes_and_no_room_stay_eager(model, eager, monkeypatch, caplo
     encoder_graphs.reset()
 
 
-def test_replay_runs_the_fused_branches(monkeypatch):
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_replay_runs_the_fused_branches(monkeypatch, repeats):
     """By default a replay runs the fused residual branches (fused_block.py): the same values as those branches run
-    eagerly, which test_cuda.py checks against the module path and the fp32 reference."""
+    eagerly, which test_cuda.py checks against the module path and the fp32 reference. With a repeated latent stack
+    the capture sums the shared parameters' gradients as they are made (shared_gradients.py), once per backward,
+    where the eager step leaves the sums to autograd: the same gradients."""
+    from hf_flash_perceiver import shared_gradients
     from hf_flash_perceiver.fused_block import fused_branches
 
+    takes = []
+    original = shared_gradients.GradientSums.take
+    monkeypatch.setattr(shared_gradients.GradientSums, "take", lambda self: takes.append(1) or original(self))
     encoder_graphs.reset()
-    model = build(graph_config(), "sdpa", 0).cuda().train()
+    model = build(graph_config(latent_stack_repeats=repeats), "sdpa", 0).cuda().train()
     x = torch.randn(4, 100, 24, device="cuda")
     encoder_graphs.enabled = False
     try:
@@ -334,9 +341,13 @@ def test_replay_runs_the_fused_branches(monkeypatch):
             want_out, want_grads = train_step(model, x)
     finally:
         encoder_graphs.enabled = True
+    assert not takes  # eagerly, autograd sums
     for _ in range(encoder_graphs.WARMUP_CALLS + 1):
         train_step(model, x)  # eager (module path) twice, then captured with the fused branches
     assert captured(model) == 1
+    # The capture's side-stream warm-up backwards and the captured one each sum once; a model without repeats has
+    # nothing to sum.
+    assert (len(takes) > 0) == (repeats > 1), takes
     out, grads = train_step(model, x)
     assert rel_err(out, want_out) <= REPLAY_REL_TOL
     assert_grads_close(grads, want_grads)

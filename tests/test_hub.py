@@ -35,7 +35,7 @@ from heads_common import assert_close_outputs, assert_same_weights_and_close_out
 CODE_FILES = {"modeling_perceiver.py", "configuration_perceiver.py", "layers.py", "attention_backends.py",
               "cross_attention.py", "input_preparation.py", "encoder.py", "decoder.py", "losses.py", "input_adapters.py",
               "hub_perceiver.py", "fused_norm.py", "fused_block.py", "fused_activation.py", "fused_softmax.py",
-              "fused_concat.py", "weight_cast.py"}
+              "fused_concat.py", "shared_gradients.py", "weight_cast.py"}
 
 
 def tiny(**kw) -> PerceiverConfig:

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.skipif(
     "installs the newest on Linux x86-64 beside a CPU build of torch)",
 )
 
-CHECKS = ["layer_norm", "column_sum", "activation", "softmax_dropout", "shared_key_value_attention",
-          "fold_affine", "residual_add", "concat_positions", "mlp_branch",
+CHECKS = ["layer_norm", "column_sum", "stack_heads_column_sum", "activation", "softmax_dropout",
+          "shared_key_value_attention", "fold_affine", "residual_add", "concat_positions", "mlp_branch",
           "self_attention_branch", "cross_attention_branch", "backward_copies", "fused_model"]
 
 
