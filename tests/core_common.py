@@ -97,6 +97,18 @@ def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def shared_key_value_reference(q, x, mask, keep, dropout: float):
+    """fp64 `softmax(q x^T)` dropped out with the mask `keep` (and keys masked by `mask`), and that times `x`: the
+    reference of fused_softmax's shared key/value attention. Returns `(q64, x64, dropped, out)`, the first two leaves
+    that take gradients."""
+    q64, x64 = (t.detach().double().requires_grad_() for t in (q, x))
+    scores = q64 @ x64.transpose(1, 2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    dropped = torch.softmax(scores, -1) * keep / (1 - dropout)
+    return q64, x64, dropped, dropped @ x64
+
+
 def build(config, impl="sdpa", seed=0):
     torch.manual_seed(seed)
     model = PerceiverModel._from_config(config, attn_implementation=impl).eval()

@@ -39,7 +39,7 @@ from hf_flash_perceiver import fused_activation, fused_block  # noqa: E402
 from hf_flash_perceiver.attention_backends import KeyPaddingMask  # noqa: E402
 from hf_flash_perceiver.cross_attention import CrossInput, fold_norm_affine  # noqa: E402
 
-from core_common import build, rel_err as rel, small_config  # noqa: E402
+from core_common import build, rel_err as rel, shared_key_value_reference, small_config  # noqa: E402
 
 # Launch geometry reads the GPU's SM count and stream: a few programs here (each loops over several row tiles).
 fused_norm._programs = lambda device, tiles, per_sm: max(1, min(tiles, 3))
@@ -336,12 +336,7 @@ def check_shared_key_value_attention() -> str:
         g = torch.randn(mixed.shape, generator=gen).to(torch.bfloat16)
         d_sums = torch.randn(2, 6, generator=gen) if sums else None
         ((mixed.float() * g.float()).sum() + ((row_sums * d_sums).sum() if sums else 0)).backward()
-        q64, x64 = (t.detach().double().requires_grad_() for t in (q, x))
-        scores = q64 @ x64.transpose(1, 2)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        want_dropped = torch.softmax(scores, -1) * keep / (1 - p)
-        want = want_dropped @ x64
+        q64, x64, want_dropped, want = shared_key_value_reference(q, x, mask, keep, p)
         ref_loss = (want * g.double()).sum() + ((want_dropped.sum(-1) * d_sums.double()).sum() if sums else 0)
         want_q, want_x = torch.autograd.grad(ref_loss, (q64, x64))
         for name, got, ref in [("output", mixed, want), ("q", q.grad, want_q), ("x", x.grad, want_x)]:

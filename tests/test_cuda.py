@@ -13,7 +13,8 @@ from hf_flash_perceiver import PerceiverModel
 from hf_flash_perceiver.attention_backends import attention
 
 from reference import reference_forward
-from core_common import OpCounter, build, make_inputs, random_config, rel_err, small_config
+from core_common import (OpCounter, build, make_inputs, random_config, rel_err, shared_key_value_reference,
+                         small_config)
 
 
 pytestmark = pytest.mark.cuda
@@ -378,12 +379,7 @@ def test_shared_key_value_attention_matches_fp64(masked, dropout):
     g = torch.randn(mixed.shape, device="cuda", generator=gen).to(torch.bfloat16)
     d_sums = torch.randn(2, 64, device="cuda", generator=gen)
     ((mixed.float() * g.float()).sum() + (sums * d_sums).sum()).backward()
-    q64, x64 = (t.detach().double().requires_grad_() for t in (q, x))
-    scores = q64 @ x64.transpose(1, 2)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    want_dropped = torch.softmax(scores, -1) * keep / (1 - dropout)
-    want = want_dropped @ x64
+    q64, x64, want_dropped, want = shared_key_value_reference(q, x, mask, keep, dropout)
     want_q, want_x = torch.autograd.grad((want * g.double()).sum() + (want_dropped.sum(-1) * d_sums).sum(), (q64, x64))
     for name, got, ref in [("output", mixed, want), ("sums", sums, want_dropped.sum(-1)), ("q", q.grad, want_q),
                            ("x", x.grad, want_x)]:
