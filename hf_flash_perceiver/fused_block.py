@@ -42,6 +42,7 @@ from .fused_norm import (
     fold_affine,
     norm_backward,
     norm_forward,
+    stack_heads,
     stack_heads_column_sum,
     tl,
     triton,
@@ -402,7 +403,7 @@ class _SelfAttentionBranch(torch.autograd.Function):
         if want_qkv_bias:  # the bias gradient from the same pass as the rows' stacking
             dqkv, db_qkv = stack_heads_column_sum((dq, dk, dv))
         else:
-            dqkv, db_qkv = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).view(batch * length, -1), None
+            dqkv, db_qkv = stack_heads((dq, dk, dv)), None
         dh = torch.mm(dqkv, w_qkv_c)
         dx, d_ln_w, d_ln_b, db_o, h = _input_grad(ctx, x_hat, dh, ln_w, ln_b, stats, dy2,
                                                   need[6] and ctx.has_o_bias, do.dtype, need[3])

@@ -231,12 +231,17 @@ def stack_heads_column_sum(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     every part, part by part and head by head (the gradient of a fused QKV projection's output), and `sums` its fp32
     column sums (that projection's bias gradient), both from one pass over each part. Off CUDA, without Triton, or
     for heads the kernel's column blocks do not divide, `torch.stack` and [`column_sum`]."""
-    batch, heads, length, head_dim = parts[0].shape
-    if not (triton is not None and parts[0].is_cuda and _head_block(head_dim) >= 16
+    if not (triton is not None and parts[0].is_cuda and _head_block(parts[0].shape[-1]) >= 16
             and all(p.stride(-1) == 1 for p in parts)):
-        stacked = torch.stack([p.transpose(1, 2) for p in parts], dim=2).view(batch * length, -1)
+        stacked = stack_heads(parts)
         return stacked, column_sum(stacked)
     return _launch_stack_heads(parts)
+
+
+def stack_heads(parts: Sequence[Tensor]) -> Tensor:
+    """The rows of [`stack_heads_column_sum`] without the sums: `torch.stack`."""
+    batch, _, length, _ = parts[0].shape
+    return torch.stack([p.transpose(1, 2) for p in parts], dim=2).view(batch * length, -1)
 
 
 def _head_block(head_dim: int) -> int:
