@@ -480,6 +480,9 @@ def test_pretrained_shapes_smoke(tmp_path):
             assert record[impl]["train_peak_gib"] is None  # no allocator peak off the GPU
         assert record["train_speedup"] == pytest.approx(
             record["transformers"]["train_ms"] / record["hf-flash-perceiver"]["train_ms"])
+        # Steps back to back (a training loop's timing) as well as alone, for both models.
+        assert record["train_back_to_back_speedup"] == pytest.approx(
+            record["transformers"]["train_back_to_back_ms"] / record["hf-flash-perceiver"]["train_back_to_back_ms"])
         assert record["fused_branches_train_speedup"] == pytest.approx(
             record["transformers"]["train_ms"] / record["hf-flash-perceiver+fused-branches"]["train_ms"])
         # One FLOP count (transformers' model) for every record's throughput; no MFU without a GPU's ceiling.
@@ -526,6 +529,7 @@ def test_pretrained_shapes_ratios_per_variant():
     pretrained.add_ratios(record)
     assert record["train_speedup"] == pytest.approx(1.5) and record["infer_speedup"] == pytest.approx(1.5)
     assert record["train_memory_ratio"] == pytest.approx(1.6)
+    assert "train_back_to_back_speedup" not in record  # neither record timed its steps back to back
     assert record["compile_cudagraphs_train_speedup"] == pytest.approx(3.0)
     assert record["compile_cudagraphs_train_memory_ratio"] == pytest.approx(2.0)
     assert record["transformers_compile_train_speedup"] == pytest.approx(2.0)
