@@ -8,7 +8,7 @@ with one thread block per channel, which is slow for the few hundred channels of
 hundred thousand tokens of a batch. Here the forward writes the normalised output straight in the autocast dtype
 (what the next Linear consumes; the values are the fp32 result rounded once, as the cast would), and the backward
 reads that dtype's gradient, writes the input gradient in the input's dtype, and sums gamma/beta gradients per
-program over row tiles, leaving a small `(programs, width)` partial that one reduction finishes.
+program over row tiles, leaving a small partial per program that one [`column_sum`] finishes.
 
 [`column_sum`] is the fused branches' other reduction over rows, a projection's bias gradient: one kernel whose last
 program per column block finishes the sum (PyTorch's sum over the token axis launches a memset and a reduction
@@ -147,7 +147,7 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     programs = _programs(x2.device, triton.cdiv(rows, tile_rows), per_sm)
     residual_sum = residual_sum and residual_grad is not None
     want_sums = weight is not None or has_bias or residual_sum
-    partial = torch.empty((3, programs, width) if want_sums else (3, 1, 1), dtype=torch.float32, device=x2.device)
+    partial = torch.empty((programs, 3, width) if want_sums else (1, 3, 1), dtype=torch.float32, device=x2.device)
     if residual_grad is not None and residual_grad.stride(-1) != 1:
         residual_grad = residual_grad.contiguous()
     _layer_norm_backward[(programs,)](
@@ -163,7 +163,9 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
         return dx, None, None, None
     # One reduction over the span of wanted rows (an unwritten row inside it is summed and dropped).
     wanted = [i for i, want in enumerate((weight is not None, has_bias, residual_sum)) if want]
-    sums = (partial if len(wanted) == 3 else partial[wanted[0]:wanted[-1] + 1]).sum(dim=1)
+    # The partials of each program lie side by side: the wanted span of all of them is one column sum.
+    span = partial[:, wanted[0]:wanted[-1] + 1]
+    sums = column_sum(span.reshape(programs, -1)).view(span.shape[1:])
     out = [None, None, None]
     for i in wanted:
         out[i] = sums[i - wanted[0]]
@@ -425,11 +427,11 @@ if triton is not None:
             if HAS_BIAS:
                 grad_b += dy
         if HAS_WEIGHT:
-            tl.store(Partial + program * width + col, tl.sum(grad_w, axis=0), mask=col_ok)
+            tl.store(Partial + program * 3 * width + col, tl.sum(grad_w, axis=0), mask=col_ok)
         if HAS_BIAS:
-            tl.store(Partial + (programs + program) * width + col, tl.sum(grad_b, axis=0), mask=col_ok)
+            tl.store(Partial + (program * 3 + 1) * width + col, tl.sum(grad_b, axis=0), mask=col_ok)
         if RESIDUAL_SUM:
-            tl.store(Partial + (2 * programs + program) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
+            tl.store(Partial + (program * 3 + 2) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
 
     @triton.jit
     def _column_sum(X, Out, Partial, Counters, rows, cols, stride, span, splits, inner_rows, stride_outer,
