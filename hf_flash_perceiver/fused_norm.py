@@ -202,10 +202,11 @@ def column_sum(x2: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     return _launch_column_sum(x2, out_dtype)
 
 
-def _launch_column_sum(x2: Tensor, out_dtype: torch.dtype, heads: Tensor | None = None, copy: Tensor | None = None,
-                       out: Tensor | None = None, block: int | None = None) -> Tensor:
-    # `heads`: a `(outer, heads, inner, head_width)` view (unit stride along the last axis) read in place of `x2`,
-    # as the rows `outer * inner` by columns `heads * head_width` (then `x2` only gives that shape).
+def _launch_column_sum(x2: Tensor, out_dtype: torch.dtype, heads: Sequence[Tensor] | None = None,
+                       copy: Tensor | None = None, out: Tensor | None = None, block: int | None = None) -> Tensor:
+    # `heads`: three `(outer, heads, inner, head_width)` views of one layout (unit stride along the last axis) read
+    # in place of `x2`, side by side, as the rows `outer * inner` by columns `3 * heads * head_width` (then `x2` only
+    # gives that shape).
     rows, cols = x2.shape
     tile_rows, tile_block, warps = _SUM_TILE
     block = block or tile_block
@@ -217,10 +218,12 @@ def _launch_column_sum(x2: Tensor, out_dtype: torch.dtype, heads: Tensor | None 
     partial = torch.empty((splits, cols), dtype=torch.float32, device=x2.device)
     if out is None:
         out = torch.empty(cols, dtype=out_dtype, device=x2.device)
-    source = x2 if heads is None else heads
-    gather = (heads.shape[2], heads.stride(0), heads.shape[3], heads.stride(1)) if heads is not None else (1, 0, 1, 0)
+    sources = [x2] * 3 if heads is None else list(heads)
+    first = sources[0]
+    gather = ((first.shape[2], first.stride(0), first.shape[3], first.stride(1), first.shape[1] * first.shape[3])
+              if heads is not None else (1, 0, 1, 0, cols))
     _column_sum[(column_blocks, splits)](
-        source, out, partial, _counters(x2.device), rows, cols, source.stride(-2), span, splits, *gather,
+        *sources, out, partial, _counters(x2.device), rows, cols, first.stride(-2), span, splits, *gather,
         copy if copy is not None else out, copy.stride(0) if copy is not None else 0,
         GATHER=heads is not None, COPY=copy is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
@@ -231,10 +234,13 @@ def stack_heads_column_sum(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """`(stacked, sums)` of `parts`, each `(batch, heads, length, head_dim)` (attention's per-head gradients of the
     query, key and value): `stacked (batch * length, len(parts) * heads * head_dim)` holds row `b * length + l` of
     every part, part by part and head by head (the gradient of a fused QKV projection's output), and `sums` its fp32
-    column sums (that projection's bias gradient), both from one pass over each part. Off CUDA, without Triton, or
-    for heads the kernel's column blocks do not divide, `torch.stack` and [`column_sum`]."""
-    if not (triton is not None and parts[0].is_cuda and _head_block(parts[0].shape[-1]) >= 16
-            and all(p.stride(-1) == 1 for p in parts)):
+    column sums (that projection's bias gradient), both from one pass over each part. Off CUDA, without Triton, for
+    other than three parts of one layout, or for heads the kernel's column blocks do not divide, `torch.stack` and
+    [`column_sum`]."""
+    head_dim = parts[0].shape[-1]
+    if not (triton is not None and parts[0].is_cuda and _head_block(head_dim) >= 16 and len(parts) == 3
+            and all(p.stride() == parts[0].stride() and p.shape == parts[0].shape for p in parts)
+            and parts[0].stride(-1) == 1):
         stacked = stack_heads(parts)
         return stacked, column_sum(stacked)
     return _launch_stack_heads(parts)
@@ -257,10 +263,7 @@ def _launch_stack_heads(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     width = heads * head_dim
     stacked = torch.empty((batch * length, len(parts) * width), dtype=parts[0].dtype, device=parts[0].device)
     sums = torch.empty(len(parts) * width, dtype=torch.float32, device=parts[0].device)
-    for i, part in enumerate(parts):
-        columns = slice(i * width, (i + 1) * width)
-        _launch_column_sum(stacked[:, columns], torch.float32, heads=part, copy=stacked[:, columns],
-                           out=sums[columns], block=block)
+    _launch_column_sum(stacked, torch.float32, heads=parts, copy=stacked, out=sums, block=block)
     return stacked, sums
 
 
@@ -434,20 +437,30 @@ if triton is not None:
             tl.store(Partial + (program * 3 + 2) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
 
     @triton.jit
-    def _column_sum(X, Out, Partial, Counters, rows, cols, stride, span, splits, inner_rows, stride_outer,
-                    head_width, stride_head, Copy, copy_stride,
+    def _column_sum(X, X1, X2, Out, Partial, Counters, rows, cols, stride, span, splits, inner_rows, stride_outer,
+                    head_width, stride_head, part_cols, Copy, copy_stride,
                     GATHER: tl.constexpr, COPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # GATHER: X is a `(outer, heads, inner_rows, head_width)` view read as rows `outer * inner_rows` by columns
-        # `heads * head_width` (a block of columns never straddles two heads). COPY: the rows are also written to
-        # `Copy`, a row-major `(rows, cols)` view with row stride `copy_stride`.
+        # GATHER: X, X1 and X2 are `(outer, heads, inner_rows, head_width)` views of one layout, read side by side as
+        # rows `outer * inner_rows` by columns `3 * heads * head_width` (`part_cols` columns each; a block of
+        # columns never straddles two heads). COPY: the rows are also written to `Copy`, a row-major `(rows, cols)`
+        # view with row stride `copy_stride`.
         block = tl.program_id(0)
         split = tl.program_id(1)
         col = block * BLOCK + tl.arange(0, BLOCK)
         col_ok = col < cols
         if GATHER:
-            head = (block * BLOCK) // head_width
-            x_col = head.to(tl.int64) * stride_head + (col - head * head_width)
+            part = (block * BLOCK) // part_cols
+            if part == 0:
+                source = X
+            elif part == 1:
+                source = X1
+            else:
+                source = X2
+            local = col - part * part_cols
+            head = (block * BLOCK - part * part_cols) // head_width
+            x_col = head.to(tl.int64) * stride_head + (local - head * head_width)
         else:
+            source = X
             x_col = col
         acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for first in range(split * span, (split + 1) * span, ROWS):
@@ -458,7 +471,7 @@ if triton is not None:
                 x_row = (row64 // inner_rows) * stride_outer + (row64 % inner_rows) * stride
             else:
                 x_row = row64 * stride
-            x = tl.load(X + x_row + x_col[None, :], mask=ok, other=0.0)
+            x = tl.load(source + x_row + x_col[None, :], mask=ok, other=0.0)
             if COPY:
                 tl.store(Copy + row64 * copy_stride + col[None, :], x, mask=ok)
             acc += x.to(tl.float32)
