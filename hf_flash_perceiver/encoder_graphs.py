@@ -177,21 +177,33 @@ def _layout(encoder: nn.Module, on_cuda: bool = True) -> tuple | None:
     if a module cannot be captured (hooks, unknown code, checkpointing) or a parameter is off the GPU (on it, with
     `on_cuda=False`)."""
     layout = []
+    append = layout.append
     # Every call of the encoder pays for this walk: each test is made cheap where it passes (no call for hooks that
-    # are not there, no nn.Module `__getattr__` miss for a flag that is not set).
-    for module in encoder.modules():
+    # are not there, no nn.Module `__getattr__` miss for a flag that is not set), and the tree is walked with a stack
+    # in `modules()` order (depth first, each module once) without the nested generators and the names of
+    # `named_modules`, which cost more than the tests.
+    stack = [encoder]
+    seen = set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         known, checkpointing = _type_info(type(module))
         checkpointing = module.__dict__.get("gradient_checkpointing", checkpointing)
         hooked = (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                   or module._backward_pre_hooks)
         if not known or (checkpointing and module.training) or (hooked and not _hooks_allow_capture(module)):
             return None
-        layout.append(module.training)
+        append(module.training)
         for p in module._parameters.values():
             if p is not None:
                 if p.is_cuda != on_cuda:
                     return None
-                layout.append((p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad))
+                append((p.data_ptr(), p.shape, p.dtype, p.requires_grad))
+        children = module._modules
+        if children:
+            stack.extend(reversed([m for m in children.values() if m is not None]))
     return tuple(layout)
 
 
@@ -308,6 +320,16 @@ class _Captured:
             self.grads = [next(grads) if needs else None for needs in self.needs_grad]
         torch.cuda.current_stream().wait_stream(stream)
         self.output = output.detach()
+        self._plan_hand_out(len(inputs))
+
+    def _plan_hand_out(self, n_inputs: int) -> None:
+        """What the backward of each replay returns, worked out once: the gradients as leaves (detached), and which
+        of them are copied first. Autograd may keep parameter (and leaf input) gradients as `.grad`: copies, not
+        views of memory that the next replay overwrites; one multi-tensor kernel makes them."""
+        self.hand_out = [None if g is None else g.detach() for g in self.grads]
+        self.copied = [i for i, g in enumerate(self.hand_out)
+                       if g is not None and (i >= n_inputs or self.leaf_inputs[i])]
+        self.to_copy = [self.hand_out[i] for i in self.copied]
 
     def replay(self, inputs: Sequence[Tensor], state: _Graphs) -> Tensor:
         if self.backward_graph is None:
@@ -339,13 +361,10 @@ class _Replay(torch.autograd.Function):
         captured.grad_output.copy_(grad)
         captured.backward_graph.replay()
         ctx.state.pending = None
-        n_inputs = len(captured.inputs)
-        out = [None if g is None else g.detach() for g in captured.grads]
-        # Autograd may keep parameter (and leaf input) gradients as `.grad`: copies, not views of memory that the
-        # next replay overwrites; one multi-tensor kernel makes them.
-        kept = [i for i, g in enumerate(out) if g is not None and (i >= n_inputs or captured.leaf_inputs[i])]
-        for i, copy in zip(kept, torch._foreach_mul([out[i] for i in kept], 1.0)):
-            out[i] = copy
+        out = list(captured.hand_out)
+        if captured.to_copy:
+            for i, copy in zip(captured.copied, torch._foreach_mul(captured.to_copy, 1.0)):
+                out[i] = copy
         return (None, None, *out)
 
 
