@@ -161,9 +161,9 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     )
     if not want_sums:
         return dx, None, None, None
-    # One reduction over the span of wanted rows (an unwritten row inside it is summed and dropped).
+    # Each program's partials lie side by side, so the span of wanted ones over all programs is one column sum (an
+    # unwritten slot inside the span is summed and dropped).
     wanted = [i for i, want in enumerate((weight is not None, has_bias, residual_sum)) if want]
-    # The partials of each program lie side by side: the wanted span of all of them is one column sum.
     span = partial[:, wanted[0]:wanted[-1] + 1]
     sums = column_sum(span.reshape(programs, -1)).view(span.shape[1:])
     out = [None, None, None]
