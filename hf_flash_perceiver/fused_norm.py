@@ -84,15 +84,20 @@ def _tile(width: int) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=None)
-def _backward_tile(width: int) -> tuple[int, int, int, int]:
-    """(rows per tile, padded width, warps, programs per SM) of the backward, whose programs loop over row tiles and
-    keep their gamma/beta partial sums as whole tiles until the end: tiles of about 4096 elements, four warps (eight
-    past that), two programs per SM for widths of 256 and more, from a sweep of tile rows, warps and programs per SM
-    on an H200 (widths 256 and 1024; README, "The cross-attention as a fused branch")."""
+def _backward_tile(width: int) -> tuple[int, int, int, int, bool, bool]:
+    """(rows per tile, padded width, warps, programs per SM, prefetch, reduce each tile) of the backward, whose
+    programs loop over row tiles: tiles of about 4096 elements, four warps (eight past that), two programs per SM for
+    widths of 256 and more, the gamma/beta partial sums kept as whole tiles until the end, from a sweep on an H200
+    (widths 256 and 1024; README, "The cross-attention as a fused branch"). Rows padded to 1024 take two rows per
+    tile, each tile's sums reduced over its rows as it goes and the next tile's loads issued before this one's
+    arithmetic: faster there on an H100 (README, "The LayerNorm backward at 1024 columns"), slower at 256, 512 and
+    2048, which keep the first launch."""
     block = triton.next_power_of_2(width)
+    if block == 1024:
+        return 2, block, 4, 2, True, True
     rows = max(1, min(16, 4096 // block))
     warps = 4 if block * rows <= 4096 else 8
-    return rows, block, warps, 2 if block >= 256 else 4
+    return rows, block, warps, 2 if block >= 256 else 4, False, False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -143,7 +148,7 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty((rows, width), dtype=dx_dtype or x2.dtype, device=x2.device)
-    tile_rows, block, warps, per_sm = _backward_tile(width)
+    tile_rows, block, warps, per_sm, prefetch, reduce_each = _backward_tile(width)
     programs = _programs(x2.device, triton.cdiv(rows, tile_rows), per_sm)
     residual_sum = residual_sum and residual_grad is not None
     want_sums = weight is not None or has_bias or residual_sum
@@ -157,7 +162,8 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
         rows, width, x2.stride(0), dy.stride(0), residual_grad.stride(0) if residual_grad is not None else 0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_grad is not None,
         RESIDUAL_SUM=residual_sum, HAS_COPY=dx_copy is not None, NORMALIZED=normalized,
-        REWRITE=output is not None, ROWS=tile_rows, BLOCK=block, num_warps=warps,
+        REWRITE=output is not None, PREFETCH=prefetch, REDUCE_EACH=reduce_each, ROWS=tile_rows, BLOCK=block,
+        num_warps=warps,
     )
     if not want_sums:
         return dx, None, None, None
@@ -376,37 +382,81 @@ if triton is not None:
         tl.store(Stats + rows + row, rstd, mask=row_ok)
 
     @triton.jit
+    def _backward_rows(X, DY, DRes, Stats, start, rows, stride_x, stride_dy, stride_res, col, col_ok,
+                       HAS_RESIDUAL: tl.constexpr, NORMALIZED: tl.constexpr, ROWS: tl.constexpr):
+        # One row tile's loads, as stored (converted where used): the input (or x_hat), the output gradient, the
+        # residual gradient, the row statistics. What a launch has no use for is given as an alias of another.
+        row = start + tl.arange(0, ROWS)
+        row_ok = row < rows
+        ok = row_ok[:, None] & col_ok[None, :]
+        row64 = row[:, None].to(tl.int64)
+        x = tl.load(X + row64 * stride_x + col[None, :], mask=ok, other=0.0)
+        dy = tl.load(DY + row64 * stride_dy + col[None, :], mask=ok, other=0.0)
+        rstd = tl.load(Stats + rows + row, mask=row_ok, other=0.0)
+        if NORMALIZED:
+            mean = rstd
+        else:
+            mean = tl.load(Stats + row, mask=row_ok, other=0.0)
+        if HAS_RESIDUAL:
+            d_res = tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0)
+        else:
+            d_res = dy
+        return x, dy, mean, rstd, d_res
+
+    @triton.jit
     def _layer_norm_backward(
         X, DY, DX, W, Stats, Partial, DRes, DXCopy, B, H, rows, width, stride_x, stride_dy, stride_res,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_SUM: tl.constexpr,
-        HAS_COPY: tl.constexpr, NORMALIZED: tl.constexpr, REWRITE: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK: tl.constexpr,
+        HAS_COPY: tl.constexpr, NORMALIZED: tl.constexpr, REWRITE: tl.constexpr, PREFETCH: tl.constexpr,
+        REDUCE_EACH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        # PREFETCH: the next row tile's loads are issued before this tile's arithmetic. REDUCE_EACH: the partial
+        # sums are reduced over each tile's rows as it goes ([BLOCK] accumulators) rather than kept as whole tiles
+        # and reduced once at the end, which holds fewer registers (_backward_tile says which launch takes which).
         program = tl.program_id(0)
         programs = tl.num_programs(0)
+        step = programs * ROWS
         col = tl.arange(0, BLOCK)
         col_ok = col < width
         if HAS_WEIGHT:
             w = tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)
         if REWRITE and HAS_BIAS:
             b = tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)
-        # Partial sums kept as whole tiles and reduced over rows once, at the end: a reduction across the rows of a
-        # tile (across warps) in every iteration held the kernel to a fraction of the memory bandwidth.
-        grad_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        grad_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        grad_r = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for start in range(program * ROWS, rows, programs * ROWS):
+        # Whole-tile partial sums: a reduction across the rows of a tile (across warps) in every iteration held the
+        # narrow launches to a fraction of the memory bandwidth.
+        if REDUCE_EACH:
+            grad_w = tl.zeros([BLOCK], dtype=tl.float32)
+            grad_b = tl.zeros([BLOCK], dtype=tl.float32)
+            grad_r = tl.zeros([BLOCK], dtype=tl.float32)
+        else:
+            grad_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            grad_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+            grad_r = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        if PREFETCH:
+            x_next, dy_next, mean_next, rstd_next, res_next = _backward_rows(
+                X, DY, DRes, Stats, program * ROWS, rows, stride_x, stride_dy, stride_res, col, col_ok,
+                HAS_RESIDUAL, NORMALIZED, ROWS)
+        for start in range(program * ROWS, rows, step):
             row = start + tl.arange(0, ROWS)
             row_ok = row < rows
             ok = row_ok[:, None] & col_ok[None, :]
             row64 = row[:, None].to(tl.int64)
-            x = tl.load(X + row64 * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            rstd = tl.load(Stats + rows + row, mask=row_ok, other=0.0)
+            if PREFETCH:
+                x, dy, mean, rstd, d_res = x_next, dy_next, mean_next, rstd_next, res_next
+                x_next, dy_next, mean_next, rstd_next, res_next = _backward_rows(
+                    X, DY, DRes, Stats, start + step, rows, stride_x, stride_dy, stride_res, col, col_ok,
+                    HAS_RESIDUAL, NORMALIZED, ROWS)
+                x = x.to(tl.float32)
+                dy = dy.to(tl.float32)
+            else:  # each load where it is used (the residual gradient's below): fewer live registers
+                x = tl.load(X + row64 * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row64 * stride_dy + col[None, :], mask=ok, other=0.0).to(tl.float32)
+                rstd = tl.load(Stats + rows + row, mask=row_ok, other=0.0)
             if NORMALIZED:
                 x_hat = x
             else:
-                mean = tl.load(Stats + row, mask=row_ok, other=0.0)
+                if not PREFETCH:
+                    mean = tl.load(Stats + row, mask=row_ok, other=0.0)
                 x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
             if REWRITE:
                 h = x_hat * w[None, :] if HAS_WEIGHT else x_hat
@@ -418,23 +468,42 @@ if triton is not None:
             c2 = tl.sum(w_dy, axis=1) / width
             dx = (w_dy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
             if HAS_RESIDUAL:
-                d_res = tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0).to(tl.float32)
+                if not PREFETCH:
+                    d_res = tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0)
+                d_res = d_res.to(tl.float32)
                 dx += d_res
                 if RESIDUAL_SUM:
-                    grad_r += d_res
+                    if REDUCE_EACH:
+                        grad_r += tl.sum(d_res, axis=0)
+                    else:
+                        grad_r += d_res
             tl.store(DX + row64 * width + col[None, :], dx.to(DX.dtype.element_ty), mask=ok)
             if HAS_COPY:
                 tl.store(DXCopy + row64 * width + col[None, :], dx.to(DXCopy.dtype.element_ty), mask=ok)
             if HAS_WEIGHT:
-                grad_w += dy * x_hat
+                if REDUCE_EACH:
+                    grad_w += tl.sum(dy * x_hat, axis=0)
+                else:
+                    grad_w += dy * x_hat
             if HAS_BIAS:
-                grad_b += dy
-        if HAS_WEIGHT:
-            tl.store(Partial + program * 3 * width + col, tl.sum(grad_w, axis=0), mask=col_ok)
-        if HAS_BIAS:
-            tl.store(Partial + (program * 3 + 1) * width + col, tl.sum(grad_b, axis=0), mask=col_ok)
-        if RESIDUAL_SUM:
-            tl.store(Partial + (program * 3 + 2) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
+                if REDUCE_EACH:
+                    grad_b += tl.sum(dy, axis=0)
+                else:
+                    grad_b += dy
+        if REDUCE_EACH:
+            if HAS_WEIGHT:
+                tl.store(Partial + program * 3 * width + col, grad_w, mask=col_ok)
+            if HAS_BIAS:
+                tl.store(Partial + (program * 3 + 1) * width + col, grad_b, mask=col_ok)
+            if RESIDUAL_SUM:
+                tl.store(Partial + (program * 3 + 2) * width + col, grad_r, mask=col_ok)
+        else:
+            if HAS_WEIGHT:
+                tl.store(Partial + program * 3 * width + col, tl.sum(grad_w, axis=0), mask=col_ok)
+            if HAS_BIAS:
+                tl.store(Partial + (program * 3 + 1) * width + col, tl.sum(grad_b, axis=0), mask=col_ok)
+            if RESIDUAL_SUM:
+                tl.store(Partial + (program * 3 + 2) * width + col, tl.sum(grad_r, axis=0), mask=col_ok)
 
     @triton.jit
     def _column_sum(X, X1, X2, Out, Partial, Counters, rows, cols, stride, span, splits, inner_rows, stride_outer,

@@ -130,7 +130,8 @@ def check_layer_norm() -> str:
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for rows, width, affine, out_dtype in [(70, 48, True, torch.float32), (33, 256, True, torch.float32),
-                                           (19, 96, False, torch.float32), (41, 160, True, torch.bfloat16)]:
+                                           (19, 96, False, torch.float32), (41, 160, True, torch.bfloat16),
+                                           (23, 1000, True, torch.float32), (9, 1280, True, torch.bfloat16)]:
         x = torch.randn(rows, width, generator=gen, dtype=torch.float64)
         w = torch.randn(width, generator=gen, dtype=torch.float64) if affine else None
         b = torch.randn(width, generator=gen, dtype=torch.float64) if affine else None
