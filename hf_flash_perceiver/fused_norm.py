@@ -84,8 +84,8 @@ def _tile(width: int) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=None)
-def _backward_tile(width: int) -> tuple[int, int, int, int, bool, bool]:
-    """(rows per tile, padded width, warps, programs per SM, prefetch, reduce each tile) of the backward, whose
+def _backward_tile(width: int) -> tuple[int, int, int, int, bool]:
+    """(rows per tile, padded width, warps, programs per SM, streamed) of the backward, whose
     programs loop over row tiles: tiles of about 4096 elements, four warps (eight past that), two programs per SM for
     widths of 256 and more, the gamma/beta partial sums kept as whole tiles until the end, from a sweep on an H200
     (widths 256 and 1024; README, "The cross-attention as a fused branch"). Rows padded to 1024 take two rows per
@@ -94,10 +94,10 @@ def _backward_tile(width: int) -> tuple[int, int, int, int, bool, bool]:
     2048, which keep the first launch."""
     block = triton.next_power_of_2(width)
     if block == 1024:
-        return 2, block, 4, 2, True, True
+        return 2, block, 4, 2, True
     rows = max(1, min(16, 4096 // block))
     warps = 4 if block * rows <= 4096 else 8
-    return rows, block, warps, 2 if block >= 256 else 4, False, False
+    return rows, block, warps, 2 if block >= 256 else 4, False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -148,7 +148,7 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty((rows, width), dtype=dx_dtype or x2.dtype, device=x2.device)
-    tile_rows, block, warps, per_sm, prefetch, reduce_each = _backward_tile(width)
+    tile_rows, block, warps, per_sm, streamed = _backward_tile(width)
     programs = _programs(x2.device, triton.cdiv(rows, tile_rows), per_sm)
     residual_sum = residual_sum and residual_grad is not None
     want_sums = weight is not None or has_bias or residual_sum
@@ -162,8 +162,7 @@ def norm_backward(x2: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor, 
         rows, width, x2.stride(0), dy.stride(0), residual_grad.stride(0) if residual_grad is not None else 0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_grad is not None,
         RESIDUAL_SUM=residual_sum, HAS_COPY=dx_copy is not None, NORMALIZED=normalized,
-        REWRITE=output is not None, PREFETCH=prefetch, REDUCE_EACH=reduce_each, ROWS=tile_rows, BLOCK=block,
-        num_warps=warps,
+        REWRITE=output is not None, STREAMED=streamed, ROWS=tile_rows, BLOCK=block, num_warps=warps,
     )
     if not want_sums:
         return dx, None, None, None
@@ -407,12 +406,12 @@ if triton is not None:
     def _layer_norm_backward(
         X, DY, DX, W, Stats, Partial, DRes, DXCopy, B, H, rows, width, stride_x, stride_dy, stride_res,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_SUM: tl.constexpr,
-        HAS_COPY: tl.constexpr, NORMALIZED: tl.constexpr, REWRITE: tl.constexpr, PREFETCH: tl.constexpr,
-        REDUCE_EACH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_COPY: tl.constexpr, NORMALIZED: tl.constexpr, REWRITE: tl.constexpr, STREAMED: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # PREFETCH: the next row tile's loads are issued before this tile's arithmetic. REDUCE_EACH: the partial
-        # sums are reduced over each tile's rows as it goes ([BLOCK] accumulators) rather than kept as whole tiles
-        # and reduced once at the end, which holds fewer registers (_backward_tile says which launch takes which).
+        # STREAMED: the next row tile's loads are issued before this tile's arithmetic, and the partial sums are
+        # reduced over each tile's rows as it goes ([BLOCK] accumulators, fewer registers) rather than kept as whole
+        # tiles and reduced once at the end (_backward_tile says which launch takes which).
         program = tl.program_id(0)
         programs = tl.num_programs(0)
         step = programs * ROWS
@@ -424,7 +423,7 @@ if triton is not None:
             b = tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)
         # Whole-tile partial sums: a reduction across the rows of a tile (across warps) in every iteration held the
         # narrow launches to a fraction of the memory bandwidth.
-        if REDUCE_EACH:
+        if STREAMED:
             grad_w = tl.zeros([BLOCK], dtype=tl.float32)
             grad_b = tl.zeros([BLOCK], dtype=tl.float32)
             grad_r = tl.zeros([BLOCK], dtype=tl.float32)
@@ -432,7 +431,7 @@ if triton is not None:
             grad_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             grad_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
             grad_r = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        if PREFETCH:
+        if STREAMED:
             x_next, dy_next, mean_next, rstd_next, res_next = _backward_rows(
                 X, DY, DRes, Stats, program * ROWS, rows, stride_x, stride_dy, stride_res, col, col_ok,
                 HAS_RESIDUAL, NORMALIZED, ROWS)
@@ -441,7 +440,7 @@ if triton is not None:
             row_ok = row < rows
             ok = row_ok[:, None] & col_ok[None, :]
             row64 = row[:, None].to(tl.int64)
-            if PREFETCH:
+            if STREAMED:
                 x, dy, mean, rstd, d_res = x_next, dy_next, mean_next, rstd_next, res_next
                 x_next, dy_next, mean_next, rstd_next, res_next = _backward_rows(
                     X, DY, DRes, Stats, start + step, rows, stride_x, stride_dy, stride_res, col, col_ok,
@@ -455,7 +454,7 @@ if triton is not None:
             if NORMALIZED:
                 x_hat = x
             else:
-                if not PREFETCH:
+                if not STREAMED:
                     mean = tl.load(Stats + row, mask=row_ok, other=0.0)
                 x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
             if REWRITE:
@@ -468,12 +467,12 @@ if triton is not None:
             c2 = tl.sum(w_dy, axis=1) / width
             dx = (w_dy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
             if HAS_RESIDUAL:
-                if not PREFETCH:
+                if not STREAMED:
                     d_res = tl.load(DRes + row64 * stride_res + col[None, :], mask=ok, other=0.0)
                 d_res = d_res.to(tl.float32)
                 dx += d_res
                 if RESIDUAL_SUM:
-                    if REDUCE_EACH:
+                    if STREAMED:
                         grad_r += tl.sum(d_res, axis=0)
                     else:
                         grad_r += d_res
@@ -481,16 +480,16 @@ if triton is not None:
             if HAS_COPY:
                 tl.store(DXCopy + row64 * width + col[None, :], dx.to(DXCopy.dtype.element_ty), mask=ok)
             if HAS_WEIGHT:
-                if REDUCE_EACH:
+                if STREAMED:
                     grad_w += tl.sum(dy * x_hat, axis=0)
                 else:
                     grad_w += dy * x_hat
             if HAS_BIAS:
-                if REDUCE_EACH:
+                if STREAMED:
                     grad_b += tl.sum(dy, axis=0)
                 else:
                     grad_b += dy
-        if REDUCE_EACH:
+        if STREAMED:
             if HAS_WEIGHT:
                 tl.store(Partial + program * 3 * width + col, grad_w, mask=col_ok)
             if HAS_BIAS:
