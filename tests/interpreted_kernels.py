@@ -291,8 +291,11 @@ def check_softmax_dropout() -> str:
             assert torch.equal(dropped[keep], scaled[keep]) or ulp_close(
                 dropped[keep].float(), probs[keep].double() / (1 - p), dtype), ("kept entries", n)
             valid = (ref > 0)
-            rate = 1 - (keep & valid).sum().item() / valid.sum().item()
-            assert valid.sum() < 1000 or abs(rate - p) < 0.03, ("drop rate", rate, p)
+            count = valid.sum().item()
+            rate = 1 - (keep & valid).sum().item() / count
+            # The seed comes from PyTorch's unseeded generator, so the rate is a fresh binomial draw each run: within
+            # five of its standard deviations (a false alarm about once in two million runs, not a few percent).
+            assert abs(rate - p) <= 5 * (p * (1 - p) / count) ** 0.5, ("drop rate", rate, p, count)
         want = ref * keep / (1 - p)
         if sums:  # of the fp32 values before their rounding to bf16
             assert rel(row_sums, want.sum(-1)) <= FP32_TOL, ("row sums", n)

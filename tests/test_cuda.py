@@ -340,8 +340,10 @@ def test_fused_softmax_dropout_matches_fp64(n, masked, dropout, sums):
     keep = dropped != 0 if dropout > 0 else torch.ones_like(dropped, dtype=torch.bool)
     if dropout > 0:
         valid = ref.detach() > 0
-        rate = 1 - (keep & valid).sum().item() / valid.sum().item()
-        assert abs(rate - dropout) < 0.02, rate
+        count = valid.sum().item()
+        rate = 1 - (keep & valid).sum().item() / count
+        # A fresh binomial draw each run (the seed comes from PyTorch's generator): within five standard deviations.
+        assert abs(rate - dropout) <= 5 * (dropout * (1 - dropout) / count) ** 0.5, (rate, count)
         torch.testing.assert_close(dropped[keep], (probs[keep].float() / (1 - dropout)).to(torch.bfloat16),
                                    rtol=0.0079, atol=0.0)  # one bf16 ulp: rounded once from fp32, not twice
         # Another call draws another mask.
